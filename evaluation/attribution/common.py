@@ -1,0 +1,70 @@
+"""What every attribution method shares: the method record, target logits at a layer, upsampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttributionMethod", "LayeredModel", "target_gradients", "to_image_size"]
+
+
+class LayeredModel(Protocol):
+    """What a method needs of a model: split at a named layer (see ``probing.model.ProbedModel``)."""
+
+    def forward_to(self, x: torch.Tensor, layer: str) -> torch.Tensor: ...
+
+    def forward_from(self, activation: torch.Tensor, layer: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttributionMethod:
+    """A registered method: ``fn(model, images, targets, layer) -> maps (B, H, W)``.
+
+    Attributes:
+        layers: the ML-Att layers at which the method is defined.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    layers: tuple[str, ...]
+    description: str = ""
+
+    def __call__(self, model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", **opts):
+        if layer not in self.layers:
+            raise ValueError(f"method {self.name!r} is not defined at layer {layer!r}: use one of {', '.join(self.layers)}")
+        return self.fn(model, images, targets, layer=layer, **opts)
+
+
+def target_gradients(
+    model: LayeredModel, images: torch.Tensor, targets: torch.Tensor, layer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation at ``layer`` and the gradient of each row's target logit with respect to it.
+
+    Rows are independent (the model is in eval mode), so the gradient of the sum of the selected
+    logits gives every row's own gradient in one backward pass.
+
+    Args:
+        images (Tensor): preprocessed inputs (B, C, H, W).
+        targets (Tensor): (B,) int64 class per row.
+
+    Returns:
+        (activation, gradient), both (B, C_l, H_l, W_l), detached.
+    """
+    if targets.dtype != torch.int64 or targets.shape != images.shape[:1]:
+        raise ValueError(f"targets must be an int64 tensor of shape ({len(images)},), got {targets.dtype} {tuple(targets.shape)}")
+    with torch.enable_grad():
+        activation = model.forward_to(images, layer).detach().requires_grad_(True)
+        logits = model.forward_from(activation, layer)
+        selected = logits.gather(1, targets.to(logits.device)[:, None]).sum()
+        (gradient,) = torch.autograd.grad(selected, activation)
+    return activation.detach(), gradient
+
+
+def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W) by bilinear upsampling (a no-op at the input layer)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]

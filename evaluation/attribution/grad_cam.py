@@ -1,0 +1,36 @@
+"""Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391).
+
+``map = sum_c mean_hw(d y_t / d a_c) * a_c`` at a convolutional layer, upsampled bilinearly.
+As in captum's ``LayerGradCam``, the final ReLU is off by default (``relu=True`` turns it on), so
+negative evidence is kept; GridPG ignores negative values anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evaluation.attribution.common import target_gradients, to_image_size
+
+__all__ = ["grad_cam"]
+
+
+def grad_cam(
+    model, images: torch.Tensor, targets: torch.Tensor, layer: str = "final", relu: bool = False
+) -> torch.Tensor:
+    """Grad-CAM maps.
+
+    Args:
+        model: a layered model (``forward_to`` / ``forward_from``).
+        images (Tensor): preprocessed inputs (B, C, H, W).
+        targets (Tensor): (B,) int64 class to explain per row.
+        layer (str): ``middle`` or ``final``. Default: ``final``.
+        relu (bool): clamp negative values of the map. Default: False (captum's default).
+
+    Returns:
+        Tensor: (B, H, W) attribution maps.
+    """
+    activation, gradient = target_gradients(model, images, targets, layer)
+    maps = (gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
+    if relu:
+        maps = maps.clamp(min=0)
+    return to_image_size(maps, images.shape[-2:])

@@ -1,0 +1,54 @@
+"""Probe losses (REFERENCE section 2) and the output activation that goes with each.
+
+The activation matters downstream: confidence thresholds for GridPG and probability-based
+attribution methods use sigmoid for BCE probes and softmax for CE probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from probing.registry import Registry
+
+__all__ = ["LOSSES", "Loss", "create_loss", "list_losses", "uniform_off_label_targets"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss on (logits (B, K), labels (B,)) and the probabilities it trains the logits to give."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    probabilities: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fn(logits, labels)
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+
+
+def uniform_off_label_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One-hot targets clamped from below at 1/C: 1 for the true class, 1/C elsewhere."""
+    return F.one_hot(labels, num_classes).float().clamp(min=1.0 / num_classes)
+
+
+def _bce_uniform_off_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = uniform_off_label_targets(labels, logits.shape[1])
+    return F.binary_cross_entropy_with_logits(logits, targets)  # mean over batch and classes
+
+
+LOSSES.register("ce")(Loss("ce", F.cross_entropy, lambda z: z.softmax(dim=1)))
+LOSSES.register("bce")(Loss("bce", _bce_uniform_off_labels, torch.sigmoid))
+
+
+def create_loss(name: str) -> Loss:
+    return LOSSES.get(name)
+
+
+def list_losses(pattern: str = "*") -> list[str]:
+    return LOSSES.names(pattern)

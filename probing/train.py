@@ -1,0 +1,122 @@
+"""Probe training on cached features: Adam, optional linear warm-up, cosine decay.
+
+:class:`ProbeTrainer` runs one epoch at a time and its whole state (head, optimiser, schedule,
+epoch, shuffling RNG) round-trips through ``state_dict``, so a trial can checkpoint after any
+epoch and resume with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from probing.losses import Loss
+
+__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError"]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Probe training settings (How to Probe trains ImageNet probes with Adam, lr 1e-3, batch 256).
+
+    Attributes:
+        warmup_epochs: linear warm-up from 0.01x lr, then cosine decay to 0 (per step).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    seed: int = 0
+
+
+class ProbeTrainer:
+    """Trains ``head`` on fixed features with ``loss``.
+
+    Args:
+        head (nn.Module): (B, C, h, w) -> logits (B, K).
+        loss (Loss): the probe loss.
+        train (tuple[Tensor, Tensor]): features (N, C, h, w) and labels (N,).
+        val (tuple[Tensor, Tensor]): the same for validation.
+        config (TrainConfig): settings.
+    """
+
+    def __init__(self, head: nn.Module, loss: Loss, train, val, config: TrainConfig):
+        self.head, self.loss, self.config = head, loss, config
+        self.train_features, self.train_labels = train
+        self.val_features, self.val_labels = val
+        self.device = next(head.parameters()).device
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
+        self.optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        total = max(1, self.config.epochs * self.steps_per_epoch - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
+
+    def run_epoch(self) -> dict[str, float]:
+        """Train one epoch; returns ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``."""
+        self.head.train()
+        order = torch.randperm(len(self.train_labels), generator=self.generator)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(order), self.config.batch_size):
+            idx = order[start : start + self.config.batch_size]
+            features = self.train_features[idx].to(self.device)
+            labels = self.train_labels[idx].to(self.device)
+            logits = self.head(features)
+            loss = self.loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise DivergedError(
+                    f"diverged: {self.loss.name} loss is {loss.item()} in epoch {self.epoch + 1} "
+                    f"(lr {self.schedule.get_last_lr()[0]:.3g}); lower the learning rate"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels).sum().item()
+        self.epoch += 1
+        n = len(self.train_labels)
+        return {"train/loss": total_loss / n, "train/accuracy": correct / n, **self.validate()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.head.eval()
+        logits = torch.cat(
+            [self.head(self.val_features[i : i + 1024].to(self.device)) for i in range(0, len(self.val_labels), 1024)]
+        )
+        labels = self.val_labels.to(self.device)
+        return {
+            "val/loss": self.loss(logits, labels).item(),
+            "val/accuracy": (logits.argmax(1) == labels).float().mean().item(),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = state["epoch"]
+        self.generator.set_state(state["generator"])

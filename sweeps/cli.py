@@ -1,0 +1,131 @@
+"""The ``probesweep`` command line: small commands, heavy imports inside them (fast ``--help``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Sweep probes on frozen backbones, explain them, score localisation, log to MLflow.",
+                  no_args_is_help=True, add_completion=False)
+
+TrackingUri = Annotated[
+    Optional[str],
+    typer.Option("--tracking-uri", help="MLflow store. Default: sqlite:///<current directory>/mlflow.db."),
+]
+
+
+def _uri(tracking_uri: str | None) -> str:
+    from sweeps.tracking import default_tracking_uri
+
+    return tracking_uri or default_tracking_uri(Path.cwd())
+
+
+def _load(config: Path):
+    from sweeps.spec import SpecError, load_spec
+
+    try:
+        return load_spec(config)
+    except SpecError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str) -> None:
+    from rich.console import Console
+
+    from sweeps.report import render_table, trial_rows
+    from sweeps.tracking import runs_table_url, ui_command
+
+    console = Console(width=max(160, Console().width))
+    console.print(render_table(trial_rows(uri, parent_run_id), title=title))
+    console.print("Open the MLflow UI on this store:", highlight=False)
+    console.print(f"  {' '.join(ui_command(uri))}", highlight=False, soft_wrap=True)
+    console.print(f"  then open {runs_table_url(experiment_id)}", highlight=False, soft_wrap=True)
+    console.print("  (or run: probesweep ui)", highlight=False)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="Sweep spec (YAML). Default: the shipped demo.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Sweep name. Default: <spec name>-<date>-<time>.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address. Default: a local instance.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Validate a sweep spec, run all its trials with Ray Tune, and print the results table."""
+    from sweeps.spec import DEMO_SPEC
+
+    spec = _load(config or DEMO_SPEC)
+    from sweeps.runner import run_sweep
+
+    outcome = run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri,
+                        log=lambda line: typer.echo(line, err=True))
+    _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}")
+    if outcome.n_failed:
+        typer.echo(f"{outcome.n_failed} of {outcome.n_trials} trials failed (their MLflow runs hold the error)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    config: Annotated[Optional[Path], typer.Argument(help="Sweep spec (YAML). Default: the shipped demo.")] = None,
+) -> None:
+    """Check a sweep spec and say how many trials it expands to; every problem is listed."""
+    from sweeps.spec import DEMO_SPEC
+
+    config = config or DEMO_SPEC
+    spec = _load(config)
+    typer.echo(f"{config}: ok, {len(spec.trials())} trials")
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Sweep name (as printed by `probesweep run`).")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Print the results table of a finished or running sweep from MLflow."""
+    from sweeps.tracking import find_sweep_run
+
+    uri = _uri(tracking_uri)
+    parent = find_sweep_run(uri, name)
+    if parent is None:
+        typer.echo(f"no sweep named {name!r} in {uri}", err=True)
+        raise typer.Exit(2)
+    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})")
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingUri = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the sweep store, bound to 127.0.0.1."""
+    from sweeps.tracking import ui_command
+
+    command = ui_command(_uri(tracking_uri), port=port)
+    typer.echo(f"MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it): {' '.join(command)}", err=True)
+    os.execv(command[0], command)
+
+
+@app.command("list")
+def list_registered() -> None:
+    """List what the registries hold: data sets, backbones, heads, losses, attribution methods."""
+    from evaluation.attribution import METHODS
+    from probing.backbones import BACKBONES
+    from probing.datasets import DATASETS
+    from probing.heads import HEADS
+    from probing.losses import LOSSES
+
+    for registry in (DATASETS, BACKBONES, HEADS, LOSSES, METHODS):
+        plural = registry.family + ("es" if registry.family.endswith("s") else "s")
+        typer.echo(f"{plural}: {', '.join(registry.names())}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

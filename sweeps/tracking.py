@@ -1,0 +1,162 @@
+"""MLflow tracking: one parent run per sweep, one child run per trial (tag ``trial_id``).
+
+Only the MLflow client API is used (no fluent global state), so the driver and every Ray worker
+talk to the store the same way. The driver creates the store, experiment and parent run before
+any trial starts (many trials creating a fresh SQLite schema at once would race).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+__all__ = [
+    "SWEEP_TAG",
+    "TrialRun",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "find_sweep_run",
+    "flatten",
+    "start_sweep_run",
+    "ui_command",
+    "runs_table_url",
+]
+
+SWEEP_TAG = "probesweep.sweep"
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """``sqlite:///<absolute workdir>/mlflow.db``: absolute, because Ray trials change directory."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def _local_store_dir(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing.
+
+    For a local SQLite store the artifacts go to an absolute ``mlartifacts/`` folder beside the
+    database (MLflow's default is relative to the current directory, which Ray trials change).
+    The experiment is tagged so that the MLflow 3 UI opens it on the runs table.
+    """
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    store = _local_store_dir(uri)
+    location = (store / "mlartifacts" / name).resolve().as_uri() if store else None
+    return client.create_experiment(
+        name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+    )
+
+
+def start_sweep_run(uri: str, experiment_id: str, sweep: str, spec_yaml: str, n_trials: int) -> str:
+    """Create the sweep's parent run, with the spec as an artifact; returns its run id."""
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep})
+    client.log_batch(run.info.run_id, params=[Param("n_trials", str(n_trials))])
+    client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
+    return run.info.run_id
+
+
+def find_sweep_run(uri: str, sweep: str):
+    """The newest parent run of sweep ``sweep`` in any experiment, or None."""
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'", order_by=["attributes.start_time DESC"]
+    )
+    return runs[0] if runs else None
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> ``{"head.depth": "2", ...}`` for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+class TrialRun:
+    """The child run of one trial, as a context manager.
+
+    On entry it finds the run tagged with this ``trial_id`` under the parent (a retried or
+    restored trial continues its run) or creates it. On exit the run is FINISHED, or FAILED with
+    the error as the tag ``error`` and the artifact ``error.txt``.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str):
+        self.client = MlflowClient(uri)
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.trial_id, self.trial_name = trial_id, trial_name
+        self.run_id = ""
+
+    def __enter__(self) -> "TrialRun":
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.trial_id = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {"trial_id": self.trial_id, "mlflow.parentRunId": self.parent_run_id}
+            self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=self.trial_name).info.run_id
+        return self
+
+    def log_params(self, params: dict[str, str]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]  # params are write-once
+        if new:
+            self.client.log_batch(self.run_id, params=new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.client.set_terminated(self.run_id, "FINISHED")
+        else:
+            message = f"{exc_type.__name__}: {exc}"
+            self.client.set_tag(self.run_id, "error", message[:5000])
+            self.client.log_text(self.run_id, message, "error.txt")
+            self.client.set_terminated(self.run_id, "FAILED")
+        return False
+
+
+def runs_table_url(experiment_id: str, host: str = UI_HOST, port: int = UI_PORT) -> str:
+    """The UI page with the runs table (MLflow 3 otherwise opens on its GenAI overview)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(uri: str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:
+    """``mlflow ui`` on the sweep's store, bound to loopback, with this environment's ``mlflow``.
+
+    The executable is spelled relative to the current directory where it lies under it
+    (``.venv/bin/mlflow`` after ``make demo``), so the printed command works without activating
+    the virtual environment.
+    """
+    executable = Path(sys.executable).with_name("mlflow").absolute()
+    if executable.is_relative_to(Path.cwd()):
+        executable = executable.relative_to(Path.cwd())
+    command = [str(executable), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    store = _local_store_dir(uri)
+    if store:
+        command += ["--default-artifact-root", (store / "mlartifacts").resolve().as_uri()]
+    return command

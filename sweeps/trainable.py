@@ -1,0 +1,100 @@
+"""The Ray Tune function trainable: one trial = train a probe, explain it, score it, log it.
+
+This is the only module that calls ``ray.tune`` (its API churns between releases). A trial reads
+its config, resumes from ``tune.get_checkpoint()`` if there is one, reports every epoch with a
+checkpoint of the trainer state, and adds the localisation scores to the last epoch's report.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from evaluation.gridpg import evaluate_gridpg
+from probing.backbones import create_backbone
+from probing.datasets import create_dataset
+from probing.features import cached_features
+from probing.heads import create_head, default_logit_bias
+from probing.losses import create_loss
+from probing.model import ProbedModel
+from probing.train import ProbeTrainer, TrainConfig
+from sweeps.tracking import TrialRun, flatten
+
+__all__ = ["probe_trial", "RUNTIME_KEY"]
+
+RUNTIME_KEY = "runtime"  # config entries that say where to log, not what to train
+STATE_FILE = "trainer.pt"
+
+
+def _trial_inputs(config: dict[str, Any]):
+    """Backbone, train/val splits and their cached features, head, loss: all from the config."""
+    dataset = config["data"]["dataset"]
+    backbone = create_backbone(config["backbone"])
+    train, val = create_dataset(dataset, "train"), create_dataset(dataset, "val")
+    features = {name: cached_features(backbone, split, dataset, name) for name, split in (("train", train), ("val", val))}
+    loss = create_loss(config["loss"])
+    bias = config["logit_bias"]
+    bias = default_logit_bias(config["loss"], train.num_classes) if bias == "auto" else float(bias)
+    head_options = {k: v for k, v in config["head"].items() if k != "type"}
+    torch.manual_seed(config["seed"])  # the head's initial weights
+    head = create_head(config["head"]["type"], backbone.out_channels, train.num_classes, logit_bias=bias, **head_options)
+    trainer = ProbeTrainer(
+        head,
+        loss,
+        (features["train"], train.labels),
+        (features["val"], val.labels),
+        TrainConfig(seed=config["seed"], **config["train"]),
+    )
+    return backbone, val, loss, trainer
+
+
+def probe_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable; see the module docstring."""
+    runtime = config[RUNTIME_KEY]
+    os.environ["PROBESWEEP_CACHE"] = runtime["cache_dir"]
+    torch.set_num_threads(runtime["threads"])
+    context = tune.get_context()
+    with TrialRun(
+        runtime["tracking_uri"],
+        runtime["experiment_id"],
+        runtime["parent_run_id"],
+        context.get_trial_id(),
+        context.get_trial_name(),
+    ) as run:
+        run.log_params(flatten({k: v for k, v in config.items() if k != RUNTIME_KEY}))
+        run.set_tags({"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()})
+        backbone, val, loss, trainer = _trial_inputs(config)
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+
+        epochs = config["train"]["epochs"]
+        while trainer.epoch < epochs:
+            metrics = trainer.run_epoch()
+            if trainer.epoch == epochs:
+                evaluate = config["evaluate"]
+                metrics |= evaluate_gridpg(
+                    ProbedModel(backbone, trainer.head.eval()),
+                    val.images,
+                    val.labels,
+                    loss.probabilities,
+                    methods=evaluate["methods"],
+                    layers=evaluate["layers"],
+                    grid=evaluate["grid"],
+                    n_grids=evaluate["n_grids"],
+                    confidence=evaluate["confidence"],
+                    seed=evaluate["seed"],
+                )
+            run.log_metrics(metrics, step=trainer.epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
+                tune.report({**metrics, "epoch": trainer.epoch}, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,56 @@
+"""Test isolation: own HOME, temp dirs and caches; no telemetry; no process left running.
+
+The environment is set before any test module imports Ray or MLflow (conftest runs first).
+RAY_TMPDIR is a short path under /tmp because Ray's socket paths must stay under 108 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(tempfile.mkdtemp(prefix="ps-"))  # short: Ray puts its sockets under RAY_TMPDIR
+for _name in ("home", "tmp", "ray", "cache"):
+    (_ROOT / _name).mkdir()
+os.environ.update(
+    HOME=str(_ROOT / "home"),
+    TMPDIR=str(_ROOT / "tmp"),
+    RAY_TMPDIR=str(_ROOT / "ray"),
+    PROBESWEEP_CACHE=str(_ROOT / "cache"),  # shared by the whole session: the backbone trains once
+    RAY_USAGE_STATS_ENABLED="0",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DO_NOT_TRACK="1",
+)
+tempfile.tempdir = None  # re-read TMPDIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_root() -> Path:
+    """The session's private folder (HOME, TMPDIR, RAY_TMPDIR and the cache live under it)."""
+    return _ROOT
+
+
+def session_processes() -> list:
+    """Live processes started during this test session (Ray's GCS, raylet, workers, MLflow, ...).
+
+    They are recognised by the RAY_TMPDIR they inherited from this session's environment; the
+    test process itself (which set it after starting) is excluded.
+    """
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_TMPDIR") == os.environ["RAY_TMPDIR"]:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

@@ -1,0 +1,140 @@
+"""End to end: `probesweep run` on a real local Ray instance and a real MLflow store, read back.
+
+The sweep runs as a user runs it (the console script in a fresh process); MLflow is then read
+with its client. Nothing may be left running afterwards.
+"""
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import session_processes
+from sweeps.tracking import SWEEP_TAG
+
+pytestmark = pytest.mark.slow
+PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
+EPOCHS = 4
+SPEC = {
+    "name": "e2e",
+    "data": {"dataset": "digits"},
+    "backbones": ["tiny_resnet_sup"],
+    "probe": {"loss": ["ce", "bce"], "head": [{"type": "linear"}]},
+    "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2},
+    "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "n_grids": 8, "confidence": 0.8},
+    "tracking": {"experiment": "e2e"},
+}
+FINAL_METRICS = {"val/accuracy", "gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "grids/count"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, session_root):
+    workdir = tmp_path_factory.mktemp("e2e")
+    (workdir / "e2e.yaml").write_text(yaml.safe_dump(SPEC))
+    result = subprocess.run(
+        [PROBESWEEP, "run", "e2e.yaml", "--name", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result
+
+
+def test_sweep_prints_results_and_the_ui_command(sweep):
+    workdir, result = sweep
+    assert result.stderr.count("[") >= 2 and "[2/2]" in result.stderr  # one progress line per trial
+    assert "gridpg/ixg/input" in result.stdout and result.stdout.count("FINISHED") == 2
+    ui_line = f"ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1 --port 5000"
+    assert ui_line in result.stdout
+    assert "snapshotting" not in result.stderr  # Ray's own chatter goes to the sweep's log file
+    assert (workdir / "ray_results" / "e2e-sweep" / "driver.log").is_file()
+
+
+def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
+    workdir, _ = sweep
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags[SWEEP_TAG] == "e2e-sweep"
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.data.tags["trial_id"] for c in children}) == 2
+    assert sorted(c.data.params["loss"] for c in children) == ["bce", "ce"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["head.type"] == "linear" and child.data.params["backbone"] == "tiny_resnet_sup"
+        assert child.data.tags["node_ip"] and child.data.tags["hostname"]
+        metrics = child.data.metrics
+        assert FINAL_METRICS <= metrics.keys(), sorted(metrics)
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert metrics["val/accuracy"] > 0.8 and metrics["grids/count"] == 8
+        assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith("gridpg/"))
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # one value per epoch
+
+
+def test_report_reads_the_sweep_back(sweep):
+    workdir, _ = sweep
+    result = subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "sweep e2e-sweep (FINISHED)" in result.stdout and result.stdout.count("tiny_resnet_sup") == 2
+    missing = subprocess.run([PROBESWEEP, "report", "nope"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_command_serves_the_sweep_over_http(sweep):
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    workdir, _ = sweep
+    port = _free_port()
+    server = subprocess.Popen(
+        [PROBESWEEP, "ui", "--port", str(port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: stopped below with everything it started
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=e2e", timeout=5) as reply:
+                    experiment = json.load(reply)["experiment"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"{base}/runs/search",
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            runs = json.load(reply)["runs"]
+        assert len(runs) == 3  # the sweep and its two trials
+        assert sum(any(m["key"] == "gridpg/ixg/input" for m in r["data"].get("metrics", [])) for r in runs) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_nothing_is_left_running(sweep):  # last in this file: after the UI test too
+    deadline = time.monotonic() + 30  # Ray and the UI are signalled; give them a moment to exit
+    while session_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [p.info["name"] for p in session_processes()] == []

@@ -1,0 +1,60 @@
+"""GridPG on hand-computed maps (REFERENCE section 5; Rao et al., CVPR 2022)."""
+
+import pytest
+import torch
+
+from evaluation.localization import grid_pointing_game
+
+
+def _map(values_per_cell, cell_size=4):
+    """A 2x2-grid map whose cell k is filled with ``values_per_cell[k]`` (row-major)."""
+    a, b, c, d = values_per_cell
+    top = torch.cat([torch.full((cell_size, cell_size), a), torch.full((cell_size, cell_size), b)], dim=1)
+    bottom = torch.cat([torch.full((cell_size, cell_size), c), torch.full((cell_size, cell_size), d)], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def test_uniform_map_scores_a_quarter_in_every_cell():
+    maps = torch.ones(4, 8, 8)
+    scores = grid_pointing_game(maps, 2, torch.arange(4))
+    torch.testing.assert_close(scores, torch.full((4,), 0.25))
+
+
+def test_all_mass_in_target_cell_scores_one_and_elsewhere_zero():
+    maps = torch.stack([_map([0, 0, 0, 3.0]), _map([0, 0, 0, 3.0])])
+    scores = grid_pointing_game(maps, 2, torch.tensor([3, 0]))
+    torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))
+
+
+def test_all_zero_map_scores_zero_not_nan():
+    scores = grid_pointing_game(torch.zeros(2, 8, 8), 2, torch.tensor([0, 1]))
+    assert torch.equal(scores, torch.zeros(2))
+
+
+def test_negative_values_are_ignored():
+    # positive mass: cell 0 holds 1 per pixel, cell 1 holds 3 per pixel; cells 2, 3 negative.
+    maps = _map([1.0, 3.0, -5.0, -100.0])[None]
+    score = grid_pointing_game(maps, 2, torch.tensor([0]))
+    torch.testing.assert_close(score, torch.tensor([16.0 / (16.0 + 48.0)]))
+
+
+def test_hand_computed_3x3_grid_with_mixed_values():
+    maps = torch.zeros(1, 6, 6)
+    maps[0, 2:4, 2:4] = 2.0  # centre cell (index 4): 4 pixels x 2 = 8
+    maps[0, 0, 0] = 1.0  # top-left cell: 1
+    maps[0, 5, 5] = -7.0  # ignored
+    score = grid_pointing_game(maps, 3, torch.tensor([4]))
+    torch.testing.assert_close(score, torch.tensor([8.0 / 9.0]))
+
+
+@pytest.mark.parametrize(
+    "maps, grid, cells, message",
+    [
+        (torch.ones(8, 8), 2, torch.tensor([0]), "must be \\(B, H, W\\)"),
+        (torch.ones(1, 7, 8), 2, torch.tensor([0]), "not divisible by grid 2"),
+        (torch.ones(1, 8, 8), 2, torch.tensor([4]), "indices in \\[0, 4\\)"),
+    ],
+)
+def test_bad_input_is_named(maps, grid, cells, message):
+    with pytest.raises(ValueError, match=message):
+        grid_pointing_game(maps, grid, cells)

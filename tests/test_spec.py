@@ -1,0 +1,144 @@
+"""The sweep spec: the shipped demo is valid; every bad spec is refused with its YAML path."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.spec import DEMO_SPEC, SpecError, load_spec, parse_spec
+
+DEMO = yaml.safe_load(DEMO_SPEC.read_text())
+PROBESWEEP = [sys.executable, "-m", "sweeps.cli"]
+
+
+def test_demo_spec_expands_to_its_grid():
+    spec = load_spec(DEMO_SPEC)
+    trials = spec.trials()
+    assert len(trials) == 4
+    assert {(t["loss"], t["head"]["type"]) for t in trials} == {
+        ("ce", "linear"), ("ce", "mlp"), ("bce", "linear"), ("bce", "mlp")
+    }
+    assert spec.train.seed == [0] and spec.probe.logit_bias == "auto"
+
+
+def test_single_values_are_one_value_axes():
+    spec = parse_spec({"name": "x", "backbones": "tiny_resnet_sup", "probe": {"loss": "bce", "head": {"type": "linear"}}})
+    assert spec.backbones == ["tiny_resnet_sup"] and spec.probe.loss == ["bce"] and len(spec.trials()) == 1
+
+
+def _with(path: str, value):
+    """The demo spec with the value at a dotted path replaced (``None`` deletes the key)."""
+    data = copy.deepcopy(DEMO)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+BAD_SPECS = [
+    ("name", "my sweep", "name: 'my sweep' is not a sweep name: use up to 64 letters, digits, '_', '.', '-'"),
+    ("backbones", None, "backbones: required"),
+    ("backbones", ["resnet50"], "backbones[0]: unknown backbone 'resnet50': known are tiny_resnet_sup"),
+    ("data.dataset", "imagenet", "data.dataset: unknown dataset 'imagenet': known are digits"),
+    ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, ce"),
+    ("probe.loss", ["ce", "ce"], "probe.loss: values repeat: ['ce', 'ce']"),
+    ("probe.loss", [], "probe.loss: must not be empty"),
+    (
+        "probe.head",
+        [{"type": "linear"}, {"type": "lin"}],
+        "probe.head[1].type: unknown head 'lin': known are linear, mlp; did you mean 'linear'?",
+    ),
+    ("probe.head", [{"type": "mlp", "depth": 1}], "probe.head[0].depth: mlp heads need depth >= 2, got 1"),
+    ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to mlp heads only, not to 'linear'"),
+    ("probe.head", [{"type": "mlp", "width": 0}], "probe.head[0].width: must be >= 1, got 0"),
+    ("probe.head", [{"type": "mlp", "dept": 2}], "probe.head[0].dept: unknown key"),
+    ("probe.logit_bias", "big", "probe.logit_bias: must be 'auto' or a number, got 'big'"),
+    ("train.lr", -1, "train.lr: must be > 0.0, got -1"),
+    ("train.epochs", "ten", "train.epochs: must be an integer, got 'ten'"),
+    ("train.epoch", 3, "train.epoch: unknown key"),
+    ("train.warmup_epochs", 10, "train.warmup_epochs: must be < epochs (10), got 10"),
+    ("train.seed", [0, 1.5], "train.seed[1]: must be an integer, got 1.5"),
+    ("evaluate.layers", ["input", "fc"], "evaluate.layers[1]: unknown layer 'fc': known are input, middle, final"),
+    (
+        "evaluate.methods",
+        ["ixg", "lime"],
+        "evaluate.methods[1]: unknown attribution method 'lime': known are gradcam, ixg",
+    ),
+    ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
+    ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1.0, got 1.5"),
+    ("evaluate.metrics", ["difull"], "evaluate.metrics[0]: must be one of 'gridpg', got 'difull'"),
+    ("search.algorithm", "optuna", "search.algorithm: must be one of 'grid', got 'optuna'"),
+    ("resources.gpu", -1, "resources.gpu: must be >= 0.0, got -1"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", BAD_SPECS, ids=[f"{p}={v}" for p, v, _ in BAD_SPECS])
+def test_bad_spec_is_refused_with_its_path(path, value, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec(_with(path, value), "bad.yaml")
+    assert err.value.problems == [message]
+
+
+def test_method_without_any_valid_layer():
+    data = _with("evaluate.methods", ["gradcam"])
+    data["evaluate"]["layers"] = ["input"]
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert err.value.problems == ["evaluate: none of the methods ['gradcam'] is defined at the layers ['input']"]
+
+
+def test_every_problem_is_reported_at_once():
+    data = _with("backbones", None)
+    data["train"]["lr"] = 0
+    data["probe"]["head"] = [{"type": "mlp", "depth": 0}]
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, "three.yaml")
+    assert err.value.problems == [
+        "backbones: required",
+        "probe.head[0].depth: mlp heads need depth >= 2, got 0",
+        "train.lr: must be > 0.0, got 0",
+    ]
+    assert str(err.value).startswith("three.yaml: 3 problem(s)\n")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(SpecError, match="missing.yaml: 1 problem"):
+        load_spec(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="broken.yaml: 1 problem\\(s\\)\n  not valid YAML"):
+        load_spec(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping of keys, got list"):
+        load_spec(listing)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([*PROBESWEEP, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_reports_trials_or_problems(tmp_path):
+    ok = _cli("validate", str(DEMO_SPEC), cwd=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{DEMO_SPEC}: ok, 4 trials"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_with("probe.loss", ["ce", "focal"])))
+    result = _cli("validate", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "probe.loss[1]: unknown loss 'focal': known are bce, ce" in result.stderr
+
+
+def test_cli_run_with_a_bad_spec_starts_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_with("train.lr", 0)))
+    result = _cli("run", str(bad), cwd=tmp_path)
+    assert result.returncode == 2 and "train.lr: must be > 0.0, got 0" in result.stderr
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["bad.yaml"]  # no mlflow.db, no ray_results
