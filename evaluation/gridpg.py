@@ -1,4 +1,8 @@
-"""GridPG evaluation of a probed model: confident images -> grids -> attributions -> scores."""
+"""Grid evaluation of a probed model: confident images -> grids -> attributions -> scores.
+
+The same grids serve the three settings of Rao et al.: GridPG on the plain model, DiFull and
+DiPart on the grid models of :mod:`evaluation.grid_models`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from typing import Callable
 import torch
 
 from evaluation.attribution import create_method
+from evaluation.grid_models import GRID_SETTINGS, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
+from evaluation.smoothing import Smoothing, smooth
 
 __all__ = ["evaluate_gridpg", "method_layer_pairs", "predict_probabilities"]
 
@@ -43,8 +49,10 @@ def evaluate_gridpg(
     confidence: float = 0.95,
     seed: int = 0,
     grids_per_batch: int = 8,
+    settings: tuple[str, ...] = ("gridpg",),
+    smoothing: dict[str, Smoothing] | None = None,
 ) -> dict[str, float]:
-    """Score every (method, layer) pair with the Grid Pointing Game.
+    """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
     Args:
         model: a ``ProbedModel`` in eval mode.
@@ -55,11 +63,17 @@ def evaluate_gridpg(
             a method is undefined (Grad-CAM at the input) are skipped.
         grid (int): n for n x n grids. n_grids (int): grids requested.
         confidence (float): minimum probability of the correct top-1 class.
+        settings: any of ``gridpg``, ``difull``, ``dipart``.
+        smoothing: per method name, applied to the maps before scoring. Default: none.
 
     Returns:
-        ``gridpg/<method>/<layer>``: mean score over all cells of all grids (absent when no grid
-        could be built), ``grids/count`` and ``grids/confident_images``.
+        ``<setting>/<method>/<layer>``: mean score over all cells of all grids (absent when no
+        grid could be built), ``grids/count`` and ``grids/confident_images``.
     """
+    for setting in settings:
+        if setting not in GRID_SETTINGS:
+            raise ValueError(f"unknown localisation setting {setting!r}: known are {', '.join(GRID_SETTINGS)}")
+    smoothing = smoothing or {}
     confident = confident_mask(predict_probabilities(model, images, activation), labels, confidence)
     grids = build_grids(images, labels, confident, grid, n_grids, seed)
     metrics = {"grids/count": float(len(grids)), "grids/confident_images": float(grids.n_confident)}
@@ -67,16 +81,18 @@ def evaluate_gridpg(
         return metrics
     device = next(model.parameters()).device
     cells = grid * grid
-    pairs = method_layer_pairs(methods, layers)
-    scores: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    keys = [(setting, method, layer) for setting in settings for method, layer in method_layer_pairs(methods, layers)]
+    scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
     for start in range(0, len(grids), grids_per_batch):
         batch = grids.images[start : start + grids_per_batch]
         inputs = model.preprocess(batch.to(device)).repeat_interleave(cells, dim=0)  # one row per target
         targets = grids.classes[start : start + grids_per_batch].flatten().to(device)
         cell_index = torch.arange(cells, device=device).repeat(len(batch))
-        for method, layer in pairs:
-            maps = create_method(method)(model, inputs, targets, layer=layer)
-            scores[(method, layer)].append(grid_pointing_game(maps, grid, cell_index).cpu())
-    for (method, layer), values in scores.items():
-        metrics[f"gridpg/{method}/{layer}"] = torch.cat(values).mean().item()
+        for setting, method, layer in keys:
+            explained = grid_model(setting, model, grid, cell_index)
+            maps = create_method(method)(explained, inputs, targets, layer=layer)
+            maps = smooth(maps, smoothing.get(method, Smoothing()))
+            scores[(setting, method, layer)].append(grid_pointing_game(maps, grid, cell_index).cpu())
+    for (setting, method, layer), values in scores.items():
+        metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return metrics

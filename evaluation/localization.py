@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grid_pointing_game", "EPS"]
+__all__ = ["energy_pointing_game", "grid_pointing_game", "EPS"]
 
 EPS = 1e-12  # keeps an all-zero map at score 0 instead of NaN (as Rao et al.)
 
@@ -40,3 +40,24 @@ def grid_pointing_game(maps: torch.Tensor, grid: int, cells: torch.Tensor) -> to
     per_cell = positive.reshape(batch, grid, height // grid, grid, width // grid).sum(dim=(2, 4)).flatten(1)
     inside = per_cell.gather(1, cells[:, None])[:, 0]
     return inside / (per_cell.sum(dim=1) + EPS)
+
+
+def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Energy Pointing Game score of each map (Wang et al., Score-CAM, 2020).
+
+    ``score_b = sum(A+_b * M_b) / (sum A+_b + eps)``: the share of positive attribution inside
+    the mask, for multi-label data the union of one ground-truth class's boxes (VOC: the
+    non-difficult ones). An all-zero map scores 0.
+
+    Args:
+        maps (Tensor): (B, H, W) attribution maps.
+        masks (Tensor): (B, H, W) bool (or 0/1) masks of the same size.
+
+    Returns:
+        Tensor: (B,) scores in [0, 1].
+    """
+    if maps.dim() != 3 or masks.shape != maps.shape:
+        raise ValueError(f"maps and masks must both be (B, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
+    positive = maps.clamp(min=0).flatten(1)
+    inside = (positive * masks.flatten(1).to(positive.dtype)).sum(dim=1)
+    return inside / (positive.sum(dim=1) + EPS)

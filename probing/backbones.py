@@ -108,10 +108,12 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        # ReLU modules, one per use (not torch.relu): Guided Backprop and LRP rules hook modules.
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 # Per-channel statistics of the digits train images at 32 px (the same value on all 3 channels).
@@ -140,17 +142,17 @@ class BackboneEntry:
     """A registered backbone: how to build it and, for embedded ones, how to pre-train it."""
 
     build: Callable[[], StagedBackbone]
-    pretrain: Callable[[StagedBackbone], None] | None = None
+    pretrain: Callable[[StagedBackbone, Callable[[str], None]], None] | None = None  # (backbone, log)
     description: str = ""
 
 
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")
 
 
-def _pretrain_supervised_on_digits(backbone: StagedBackbone) -> None:
+def _pretrain_supervised_on_digits(backbone: StagedBackbone, log: Callable[[str], None]) -> None:
     from probing.pretrain import pretrain_supervised
 
-    pretrain_supervised(backbone, dataset="digits", epochs=15, seed=0)
+    pretrain_supervised(backbone, dataset="digits", epochs=15, seed=0, log=log)
 
 
 BACKBONES.register("tiny_resnet_sup")(
@@ -183,7 +185,7 @@ def create_backbone(name: str, log: Callable[[str], None] = print) -> StagedBack
             if entry.pretrain is None:
                 raise FileNotFoundError(f"no weights for backbone {name!r} at {weights}")
             log(f"pre-training backbone {name} (first use; cached at {weights})")
-            entry.pretrain(backbone)
+            entry.pretrain(backbone, log)
             tmp = weights.with_suffix(".tmp")
             torch.save(backbone.state_dict(), tmp)
             os.replace(tmp, weights)  # atomic: readers never see a half-written file

@@ -39,8 +39,11 @@ def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str)
     from sweeps.report import render_table, trial_rows
     from sweeps.tracking import runs_table_url, ui_command
 
-    console = Console(width=max(160, Console().width))
-    console.print(render_table(trial_rows(uri, parent_run_id), title=title))
+    table = render_table(trial_rows(uri, parent_run_id), title=title)
+    # as wide as the table needs: a results table with cut-off metric names is useless
+    needed = Console(width=100_000).measure(table).maximum
+    console = Console(width=max(Console().width, needed))
+    console.print(table)
     console.print("Open the MLflow UI on this store:", highlight=False)
     console.print(f"  {' '.join(ui_command(uri))}", highlight=False, soft_wrap=True)
     console.print(f"  then open {runs_table_url(experiment_id)}", highlight=False, soft_wrap=True)

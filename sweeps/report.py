@@ -6,7 +6,14 @@ import math
 
 from mlflow import MlflowClient
 
-__all__ = ["trial_rows", "render_table"]
+from evaluation.grid_models import GRID_SETTINGS
+
+__all__ = ["is_localisation_score", "trial_rows", "render_table"]
+
+def is_localisation_score(metric: str) -> bool:
+    """``<setting>/<method>/<layer>`` for a grid setting (gridpg, difull, dipart)."""
+    return metric.split("/", 1)[0] in GRID_SETTINGS and metric.count("/") == 2
+
 
 FIXED = ("trial", "backbone", "loss", "head", "status", "val/accuracy", "grids")
 
@@ -17,7 +24,8 @@ def _head_label(params: dict[str, str]) -> str:
 
 
 def trial_rows(uri: str, parent_run_id: str) -> list[dict[str, object]]:
-    """The child runs of a sweep as dicts: the fixed columns, then every ``gridpg/...`` metric."""
+    """The child runs of a sweep as dicts: the fixed columns, then every localisation score
+    (``gridpg/...``, ``difull/...``, ``dipart/...``)."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
@@ -37,7 +45,7 @@ def trial_rows(uri: str, parent_run_id: str) -> list[dict[str, object]]:
             "val/accuracy": metrics.get("val/accuracy"),
             "grids": metrics.get("grids/count"),
         }
-        row |= {k: v for k, v in sorted(metrics.items()) if k.startswith("gridpg/")}
+        row |= {k: v for k, v in sorted(metrics.items()) if is_localisation_score(k)}
         rows.append(row)
     return rows
 

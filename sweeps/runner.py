@@ -17,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from sweeps.report import is_localisation_score
 from sweeps.spec import SweepSpec
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
@@ -79,7 +80,7 @@ def _progress_callback(total: int, log: Callable[[str], None]):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
-            scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if k.startswith("gridpg/"))
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k))
             grids = int(result.get("grids/count", 0))
             log(
                 f"[{self.done}/{total}] {trial.trial_id} {trial.config['loss']} {trial.config['head']['type']}: "

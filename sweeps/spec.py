@@ -12,9 +12,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from evaluation.attribution import METHODS
+from evaluation.grid_models import GRID_SETTINGS
+from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
 from probing.datasets import DATASETS
 from probing.heads import HEADS
@@ -24,7 +38,7 @@ from probing.registry import Registry
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
 
 DEMO_SPEC = Path(__file__).parent / "configs" / "demo.yaml"
-METRICS = ("gridpg",)
+METRICS = GRID_SETTINGS  # gridpg, difull, dipart
 
 
 def _as_list(value: Any) -> Any:
@@ -125,14 +139,57 @@ class TrainSpec(Strict):
         return v
 
 
+# union branches chosen by the value's type, so that an error names only the branch meant; the
+# branch tags are left out of the YAML path
+_NAMED, _PER_METHOD = "<named>", "<per method>"
+
+
+class SmoothingSpec(Strict):
+    """``{kind: avgpool, kernel: 5}`` or ``{kind: gaussian, kernel: 129, sigma: 32.25}``."""
+
+    kind: Literal["none", "avgpool", "gaussian"]
+    kernel: Annotated[int, Field(ge=1)] = 5
+    sigma: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"must be odd, got {v}")
+        return v
+
+
 class EvaluateSpec(Strict):
     methods: _axis(_registered(METHODS)) = ["ixg", "gradcam"]
     layers: _axis(Annotated[str, AfterValidator(_layer)]) = ["input", "final"]
-    metrics: Annotated[list[Literal[METRICS]], BeforeValidator(_as_list), Field(min_length=1)] = ["gridpg"]
+    metrics: _axis(Literal[METRICS]) = ["gridpg"]
     grid: Annotated[int, Field(ge=2, le=4)] = 2
     n_grids: Annotated[int, Field(ge=1)] = 32
     confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
     seed: int = 0
+    # none; reference (Rao et al.: Gaussian 129 for ixg/intgrad, 5x5 average pooling otherwise);
+    # or per method name, e.g. {ixg: {kind: gaussian, kernel: 9}} (unnamed methods: none)
+    smoothing: Annotated[
+        Annotated[Literal["none", "reference"], Tag(_NAMED)] | Annotated[dict[str, SmoothingSpec], Tag(_PER_METHOD)],
+        Discriminator(lambda v: _NAMED if isinstance(v, str) else _PER_METHOD),
+    ] = "none"
+
+    @field_validator("smoothing")
+    @classmethod
+    def _smoothed_methods_exist(cls, v):
+        if isinstance(v, dict):
+            for name in v:
+                if name not in METHODS:
+                    raise ValueError(METHODS.unknown_message(name))
+        return v
+
+    def smoothing_per_method(self) -> dict[str, Smoothing]:
+        """The smoothing of each evaluated method, for ``evaluation.gridpg.evaluate_gridpg``."""
+        if self.smoothing == "none":
+            return {}
+        if self.smoothing == "reference":
+            return {m: REFERENCE_SMOOTHING.get(m, REFERENCE_SMOOTHING["default"]) for m in self.methods}
+        return {m: Smoothing(**s.model_dump()) for m, s in self.smoothing.items()}
 
     @model_validator(mode="after")
     def _some_pair(self) -> "EvaluateSpec":
@@ -197,7 +254,7 @@ def _yaml_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "literal[")):  # pydantic's internal steps
+        elif not str(part).startswith(("function-", "list[", "literal[", "<")):  # pydantic's internal steps
             out += f".{part}" if out else str(part)
     return out or "(top level)"
 

@@ -25,6 +25,7 @@ from probing.heads import create_head, default_logit_bias
 from probing.losses import create_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
+from sweeps.spec import EvaluateSpec
 from sweeps.tracking import TrialRun, flatten
 
 __all__ = ["probe_trial", "RUNTIME_KEY"]
@@ -93,6 +94,8 @@ def probe_trial(config: dict[str, Any]) -> None:
                     n_grids=evaluate["n_grids"],
                     confidence=evaluate["confidence"],
                     seed=evaluate["seed"],
+                    settings=tuple(evaluate["metrics"]),
+                    smoothing=EvaluateSpec.model_validate(evaluate).smoothing_per_method(),
                 )
             run.log_metrics(metrics, step=trainer.epoch)
             with tempfile.TemporaryDirectory() as folder:

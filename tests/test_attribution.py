@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from captum.attr import InputXGradient, LayerAttribution, LayerGradCam, LayerGradientXActivation
+from captum.attr import (
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    LayerGradientXActivation,
+)
+from torch import nn
 
 from evaluation.attribution import create_method
 from probing.backbones import tiny_resnet
@@ -66,6 +74,63 @@ def test_inner_layer_maps_equal_captum(model, inputs, method, layer):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
 
 
+class FromLayer(nn.Module):
+    """The model from a layer's activation to the logits: captum's plain call treats it as the input."""
+
+    def __init__(self, model, layer):
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, activation):
+        return self.model.forward_from(activation, self.layer)
+
+
+@pytest.mark.parametrize("layer", ["input", "middle", "final"])
+def test_integrated_gradients_equal_captum(model, inputs, layer):
+    images, targets = inputs
+    x = model.preprocess(images)
+    # a small internal batch: the steps run in several chunks and must add up to captum's result
+    ours = create_method("intgrad")(model, x, targets, layer=layer, n_steps=20, internal_batch_size=12)
+    activation = model.forward_to(x, layer)
+    captum = IntegratedGradients(FromLayer(model, layer))
+    expected = _per_image(
+        lambda ai, t: _upsampled(captum.attribute(ai, target=t, n_steps=20, method="gausslegendre"), (32, 32)),
+        activation,
+        targets,
+    )
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_integrated_gradients_complete_to_the_logit_difference(model, inputs):
+    images, targets = inputs
+    x = model.preprocess(images)
+    maps = create_method("intgrad")(model, x, targets, layer="input", n_steps=200)
+    logits, baseline = model(x), model(torch.zeros_like(x))
+    rows = torch.arange(len(targets))
+    difference = logits[rows, targets] - baseline[rows, targets]
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), difference, rtol=1e-3, atol=1e-3 * float(difference.abs().max()))
+
+
+@pytest.mark.parametrize("layer", ["input", "middle", "final"])
+def test_guided_backprop_equals_captum(model, inputs, layer):
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method("gbp")(model, x, targets, layer=layer)
+    activation = model.forward_to(x, layer)
+    captum = GuidedBackprop(FromLayer(model, layer))
+    expected = _per_image(lambda ai, t: _upsampled(captum.attribute(ai, target=t), (32, 32)), activation, targets)
+    # guided maps differ from plain gradients: the hooks did something
+    assert not torch.allclose(ours, _upsampled(_plain_gradient(model, x, targets, layer), (32, 32)))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
+    assert not any(m._backward_hooks for m in model.modules())  # hooks removed afterwards
+
+
+def _plain_gradient(model, x, targets, layer):
+    from evaluation.attribution.common import target_gradients
+
+    return target_gradients(model, x, targets, layer)[1]
+
+
 def test_gradcam_relu_equals_captum_relu(model, inputs):
     images, targets = inputs
     x = model.preprocess(images)
@@ -84,7 +149,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are gradcam, ixg; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are gbp, gradcam, intgrad, ixg; did you mean 'ixg'"):
         create_method("ixgg")
 
 

@@ -26,10 +26,18 @@ SPEC = {
     "backbones": ["tiny_resnet_sup"],
     "probe": {"loss": ["ce", "bce"], "head": [{"type": "linear"}]},
     "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2},
-    "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "n_grids": 8, "confidence": 0.8},
+    "evaluate": {
+        "methods": ["ixg", "gradcam"],
+        "layers": ["input", "final"],
+        "metrics": ["gridpg", "difull"],
+        "n_grids": 8,
+        "confidence": 0.8,
+    },
     "tracking": {"experiment": "e2e"},
 }
-FINAL_METRICS = {"val/accuracy", "gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "grids/count"}
+FINAL_METRICS = {
+    "val/accuracy", "grids/count", "gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "difull/ixg/input"
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,8 @@ def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
         assert FINAL_METRICS <= metrics.keys(), sorted(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
         assert metrics["val/accuracy"] > 0.8 and metrics["grids/count"] == 8
-        assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith("gridpg/"))
+        assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
+        assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # one value per epoch
 

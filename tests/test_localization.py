@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from evaluation.localization import grid_pointing_game
+from evaluation.localization import energy_pointing_game, grid_pointing_game
 
 
 def _map(values_per_cell, cell_size=4):
@@ -58,3 +58,37 @@ def test_hand_computed_3x3_grid_with_mixed_values():
 def test_bad_input_is_named(maps, grid, cells, message):
     with pytest.raises(ValueError, match=message):
         grid_pointing_game(maps, grid, cells)
+
+
+def test_energy_pointing_game_by_hand():
+    maps = torch.tensor([[[1.0, 2.0], [3.0, -4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    masks = torch.tensor([[[True, False], [True, True]], [[True, True], [True, True]]])
+    scores = energy_pointing_game(maps, masks)
+    torch.testing.assert_close(scores, torch.tensor([(1.0 + 3.0) / 6.0, 0.0]))
+
+
+def test_energy_pointing_game_equals_quantus_attribution_localisation():
+    import numpy as np
+    import quantus
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(6, 16, 16, generator=generator, dtype=torch.float64)
+    masks = torch.zeros(6, 16, 16, dtype=torch.bool)
+    for b in range(6):  # a different box per image, as a class's boxes would be
+        masks[b, b : b + 6, 2 * b : 2 * b + 5] = True
+    metric = quantus.AttributionLocalisation(
+        positive_attributions=True, abs=False, normalise=False, disable_warnings=True
+    )
+    expected = metric(
+        model=None,
+        x_batch=np.zeros((6, 1, 16, 16)),
+        y_batch=np.zeros(6, dtype=int),
+        a_batch=maps[:, None].numpy(),
+        s_batch=masks[:, None].numpy().astype(float),
+    )
+    torch.testing.assert_close(energy_pointing_game(maps, masks), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_energy_pointing_game_needs_matching_masks():
+    with pytest.raises(ValueError, match="maps and masks must both be \\(B, H, W\\), got \\(1, 4, 4\\) and \\(1, 4, 3\\)"):
+        energy_pointing_game(torch.ones(1, 4, 4), torch.ones(1, 4, 3, dtype=torch.bool))

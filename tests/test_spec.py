@@ -70,11 +70,18 @@ BAD_SPECS = [
     (
         "evaluate.methods",
         ["ixg", "lime"],
-        "evaluate.methods[1]: unknown attribution method 'lime': known are gradcam, ixg",
+        "evaluate.methods[1]: unknown attribution method 'lime': known are gbp, gradcam, intgrad, ixg",
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1.0, got 1.5"),
-    ("evaluate.metrics", ["difull"], "evaluate.metrics[0]: must be one of 'gridpg', got 'difull'"),
+    ("evaluate.metrics", ["epg"], "evaluate.metrics[0]: must be one of 'gridpg', 'difull' or 'dipart', got 'epg'"),
+    ("evaluate.smoothing", "ref", "evaluate.smoothing: must be one of 'none' or 'reference', got 'ref'"),
+    (
+        "evaluate.smoothing",
+        {"igx": {"kind": "avgpool"}},
+        "evaluate.smoothing: unknown attribution method 'igx': known are gbp, gradcam, intgrad, ixg; did you mean 'ixg'?",
+    ),
+    ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
     ("search.algorithm", "optuna", "search.algorithm: must be one of 'grid', got 'optuna'"),
     ("resources.gpu", -1, "resources.gpu: must be >= 0.0, got -1"),
 ]
@@ -85,6 +92,18 @@ def test_bad_spec_is_refused_with_its_path(path, value, message):
     with pytest.raises(SpecError) as err:
         parse_spec(_with(path, value), "bad.yaml")
     assert err.value.problems == [message]
+
+
+def test_smoothing_settings_resolve_per_method():
+    from evaluation.smoothing import Smoothing
+
+    reference = parse_spec(_with("evaluate.smoothing", "reference")).evaluate
+    assert reference.smoothing_per_method() == {
+        "ixg": Smoothing("gaussian", 129, 129 / 4), "gradcam": Smoothing("avgpool", 5)
+    }
+    custom = parse_spec(_with("evaluate.smoothing", {"gradcam": {"kind": "gaussian", "kernel": 9, "sigma": 2}}))
+    assert custom.evaluate.smoothing_per_method() == {"gradcam": Smoothing("gaussian", 9, 2.0)}
+    assert parse_spec(DEMO).evaluate.smoothing_per_method() == {}
 
 
 def test_method_without_any_valid_layer():

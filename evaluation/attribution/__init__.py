@@ -8,17 +8,32 @@ from __future__ import annotations
 
 from evaluation.attribution.common import AttributionMethod
 from evaluation.attribution.grad_cam import grad_cam
+from evaluation.attribution.guided_backprop import guided_backprop
+from evaluation.attribution.intgrad import integrated_gradients
 from evaluation.attribution.ixg import input_x_gradient
 from probing.registry import Registry
 
-__all__ = ["METHODS", "AttributionMethod", "create_method", "list_methods", "grad_cam", "input_x_gradient"]
+__all__ = [
+    "METHODS",
+    "AttributionMethod",
+    "create_method",
+    "list_methods",
+    "grad_cam",
+    "guided_backprop",
+    "input_x_gradient",
+    "integrated_gradients",
+]
+ALL_LAYERS = ("input", "middle", "final")
 
 METHODS: Registry[AttributionMethod] = Registry("attribution method")
 
-METHODS.register("ixg")(
-    AttributionMethod("ixg", input_x_gradient, ("input", "middle", "final"), "Input x Gradient")
-)
-METHODS.register("gradcam")(AttributionMethod("gradcam", grad_cam, ("middle", "final"), "Grad-CAM (no ReLU)"))
+for _method in (
+    AttributionMethod("ixg", input_x_gradient, ALL_LAYERS, "Input x Gradient"),
+    AttributionMethod("intgrad", integrated_gradients, ALL_LAYERS, "Integrated Gradients (zero baseline, 50 steps)"),
+    AttributionMethod("gbp", guided_backprop, ALL_LAYERS, "Guided Backprop"),
+    AttributionMethod("gradcam", grad_cam, ("middle", "final"), "Grad-CAM (no final ReLU; relu=True adds it)"),
+):
+    METHODS.register(_method.name)(_method)
 
 
 def create_method(name: str) -> AttributionMethod:

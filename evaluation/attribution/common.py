@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttributionMethod", "LayeredModel", "target_gradients", "to_image_size"]
+__all__ = ["AttributionMethod", "LayeredModel", "select_targets", "target_gradients", "to_image_size"]
 
 
 class LayeredModel(Protocol):
@@ -38,6 +38,15 @@ class AttributionMethod:
         return self.fn(model, images, targets, layer=layer, **opts)
 
 
+def select_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) logit of each row's target class; refuses targets that do not fit the batch."""
+    if targets.dtype != torch.int64 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"targets must be an int64 tensor of shape ({len(logits)},), got {targets.dtype} {tuple(targets.shape)}"
+        )
+    return logits.gather(1, targets.to(logits.device)[:, None])[:, 0]
+
+
 def target_gradients(
     model: LayeredModel, images: torch.Tensor, targets: torch.Tensor, layer: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,12 +62,9 @@ def target_gradients(
     Returns:
         (activation, gradient), both (B, C_l, H_l, W_l), detached.
     """
-    if targets.dtype != torch.int64 or targets.shape != images.shape[:1]:
-        raise ValueError(f"targets must be an int64 tensor of shape ({len(images)},), got {targets.dtype} {tuple(targets.shape)}")
     with torch.enable_grad():
         activation = model.forward_to(images, layer).detach().requires_grad_(True)
-        logits = model.forward_from(activation, layer)
-        selected = logits.gather(1, targets.to(logits.device)[:, None]).sum()
+        selected = select_targets(model.forward_from(activation, layer), targets).sum()
         (gradient,) = torch.autograd.grad(selected, activation)
     return activation.detach(), gradient
 

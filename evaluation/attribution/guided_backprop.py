@@ -1,0 +1,50 @@
+"""Guided Backprop (Springenberg et al., 2015, https://arxiv.org/abs/1412.6806), batched.
+
+Backpropagation in which every ReLU module also zeroes negative gradients. The map is the guided
+gradient with respect to the layer's activation, summed over channels (as captum's
+``GuidedBackprop`` returns the guided gradient, not gradient x input). ReLUs must be modules
+(``nn.ReLU``), one per use: functional ``torch.relu`` calls cannot be guided.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from evaluation.attribution.common import target_gradients, to_image_size
+
+__all__ = ["guided_backprop", "guided_relus"]
+
+
+@contextmanager
+def guided_relus(model: nn.Module):
+    """Within the block, each ``nn.ReLU`` of ``model`` passes back only positive gradients."""
+
+    def clamp(module, grad_input, grad_output):
+        return tuple(None if g is None else g.clamp(min=0) for g in grad_input)
+
+    handles = [m.register_full_backward_hook(clamp) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def guided_backprop(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input") -> torch.Tensor:
+    """Guided Backprop maps summed over channels.
+
+    Args:
+        model: a layered model (``forward_to`` / ``forward_from``) that is an ``nn.Module``.
+        images (Tensor): preprocessed inputs (B, C, H, W).
+        targets (Tensor): (B,) int64 class to explain per row.
+        layer (str): ``input``, ``middle`` or ``final``.
+
+    Returns:
+        Tensor: (B, H, W) attribution maps.
+    """
+    with guided_relus(model):
+        _, gradient = target_gradients(model, images, targets, layer)
+    return to_image_size(gradient.sum(dim=1), images.shape[-2:])

@@ -1,0 +1,63 @@
+"""Smoothing of attribution maps before scoring (Rao et al., CVPR 2022; REFERENCE section 4).
+
+Applied to the (B, H, W) maps before negatives are clamped. ``Smoothing`` is a plain value so
+that a sweep spec can name it per method; :func:`smooth` is a pure function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Smoothing", "REFERENCE_SMOOTHING", "gaussian_kernel", "smooth"]
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """``kind``: ``none``, ``avgpool`` (``kernel``) or ``gaussian`` (``kernel``, ``sigma``)."""
+
+    kind: str = "none"
+    kernel: int = 5
+    sigma: float | None = None  # gaussian; default kernel / 4
+
+    def __post_init__(self):
+        if self.kind not in ("none", "avgpool", "gaussian"):
+            raise ValueError(f"unknown smoothing {self.kind!r}: known are none, avgpool, gaussian")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"smoothing kernel must be an odd number >= 1, got {self.kernel}")
+        if self.sigma is not None and self.sigma <= 0:
+            raise ValueError(f"smoothing sigma must be > 0, got {self.sigma}")
+
+
+# Rao et al.: a 129 px Gaussian (sigma 129/4) for IxG and IntGrad, 5x5 average pooling otherwise.
+REFERENCE_SMOOTHING = {
+    "ixg": Smoothing("gaussian", 129, 129 / 4),
+    "intgrad": Smoothing("gaussian", 129, 129 / 4),
+    "default": Smoothing("avgpool", 5),
+}
+
+
+def gaussian_kernel(kernel: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
+    """(kernel,) normalised 1-D Gaussian centred on the middle tap."""
+    offsets = torch.arange(kernel, dtype=torch.float64) - (kernel - 1) / 2
+    weights = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return (weights / weights.sum()).to(dtype)
+
+
+def smooth(maps: torch.Tensor, smoothing: Smoothing) -> torch.Tensor:
+    """Smoothed (B, H, W) maps of the same size (zero padding at the borders, stride 1)."""
+    if smoothing.kind == "none" or smoothing.kernel == 1:
+        return maps
+    pad = smoothing.kernel // 2
+    x = maps[:, None]
+    if smoothing.kind == "avgpool":
+        # count_include_pad: border pixels average over zeros too, as the reference's AvgPool2d
+        return F.avg_pool2d(x, smoothing.kernel, stride=1, padding=pad, count_include_pad=True)[:, 0]
+    sigma = smoothing.sigma if smoothing.sigma is not None else smoothing.kernel / 4
+    g = gaussian_kernel(smoothing.kernel, sigma, maps.dtype).to(maps.device)
+    # separable: rows then columns
+    x = F.conv2d(x, g.view(1, 1, 1, -1), padding=(0, pad))
+    x = F.conv2d(x, g.view(1, 1, -1, 1), padding=(pad, 0))
+    return x[:, 0]

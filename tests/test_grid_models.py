@@ -1,0 +1,115 @@
+"""DiFull and DiPart: constructions checked by hand, and the sanity results they must give."""
+
+import pytest
+import torch
+
+from evaluation.attribution import create_method
+from evaluation.grid_models import DiFullModel, DiPartModel, crop_cells, join_cells, split_cells
+from evaluation.gridpg import evaluate_gridpg
+from evaluation.localization import grid_pointing_game
+from probing.backbones import create_backbone, tiny_resnet
+from probing.datasets import create_dataset
+from probing.features import cached_features
+from probing.heads import create_head
+from probing.losses import create_loss
+from probing.model import ProbedModel
+from probing.train import ProbeTrainer, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    backbone = tiny_resnet().eval().requires_grad_(False)
+    head = create_head("linear", backbone.out_channels, 10).eval().requires_grad_(False)
+    return ProbedModel(backbone, head).double()
+
+
+@pytest.fixture(scope="module")
+def grid_batch():
+    generator = torch.Generator().manual_seed(2)
+    grids = torch.rand(2, 3, 64, 64, generator=generator, dtype=torch.float64)
+    inputs = grids.repeat_interleave(4, dim=0)  # one row per (grid, cell)
+    return inputs, torch.arange(4).repeat(2), torch.tensor([1, 4, 7, 2, 0, 9, 3, 5])
+
+
+def test_split_join_and_crop_cells():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    cells = split_cells(x, 2)
+    assert cells.shape == (8, 1, 2, 2)
+    assert torch.equal(cells[1, 0], x[0, 0, 0:2, 2:4]) and torch.equal(cells[6, 0], x[1, 0, 2:4, 0:2])
+    assert torch.equal(join_cells(cells, 2), x)
+    assert torch.equal(crop_cells(x, 2, torch.tensor([3, 2])), torch.stack([x[0, :, 2:4, 2:4], x[1, :, 2:4, 0:2]]))
+
+
+def test_difull_logits_are_those_of_the_cell_alone(random_model, grid_batch):
+    inputs, cells, _ = grid_batch
+    logits = DiFullModel(random_model, 2, cells)(inputs)
+    alone = random_model(crop_cells(inputs, 2, cells))
+    torch.testing.assert_close(logits, alone)
+
+
+def test_dipart_crops_the_final_map_of_the_whole_grid(random_model, grid_batch):
+    inputs, cells, _ = grid_batch
+    logits = DiPartModel(random_model, 2, cells)(inputs)
+    features = random_model.backbone(inputs)  # (8, 64, 16, 16): the whole grid
+    expected = torch.stack(
+        [random_model.head(features[b : b + 1, :, 8 * (k // 2) : 8 * (k // 2) + 8, 8 * (k % 2) : 8 * (k % 2) + 8])[0]
+         for b, k in enumerate(cells.tolist())]
+    )
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, DiFullModel(random_model, 2, cells)(inputs))  # context reaches the cell
+
+
+@pytest.mark.parametrize("method", ["ixg", "intgrad", "gbp"])
+def test_gradient_methods_at_the_input_attribute_nothing_outside_the_cell_on_difull(random_model, grid_batch, method):
+    inputs, cells, targets = grid_batch
+    x = random_model.preprocess(inputs)
+    maps = create_method(method)(DiFullModel(random_model, 2, cells), x, targets, layer="input")
+    inside = torch.zeros_like(maps, dtype=torch.bool)
+    for b, k in enumerate(cells.tolist()):
+        inside[b, 32 * (k // 2) : 32 * (k // 2) + 32, 32 * (k % 2) : 32 * (k % 2) + 32] = True
+    assert (maps[~inside] == 0).all() and (maps[inside] != 0).any()
+    scores = grid_pointing_game(maps, 2, cells)
+    has_positive = maps.clamp(min=0).flatten(1).sum(1) > 0
+    torch.testing.assert_close(scores[has_positive], torch.ones(int(has_positive.sum()), dtype=scores.dtype))
+
+
+def test_grid_models_refuse_a_batch_of_the_wrong_size(random_model, grid_batch):
+    inputs, cells, _ = grid_batch
+    with pytest.raises(ValueError, match="DiFullModel explains 8 rows, got a batch of 3"):
+        DiFullModel(random_model, 2, cells)(inputs[:3])
+    doubled = DiFullModel(random_model, 2, cells)(torch.cat([inputs, inputs]))  # k*B rows: cells repeat
+    torch.testing.assert_close(doubled, torch.cat([DiFullModel(random_model, 2, cells)(inputs)] * 2))
+
+
+@pytest.fixture(scope="module")
+def trained_probe():
+    """The embedded backbone with a briefly trained CE linear probe (confident on most digits)."""
+    backbone = create_backbone("tiny_resnet_sup", log=lambda m: None)
+    train, val = create_dataset("digits", "train"), create_dataset("digits", "val")
+    features = {s: cached_features(backbone, d, "digits", s, log=lambda m: None) for s, d in (("train", train), ("val", val))}
+    torch.manual_seed(0)
+    head = create_head("linear", backbone.out_channels, 10)
+    trainer = ProbeTrainer(head, create_loss("ce"), (features["train"], train.labels), (features["val"], val.labels),
+                           TrainConfig(epochs=5, lr=1e-2))
+    for _ in range(5):
+        trainer.run_epoch()
+    return ProbedModel(backbone, head.eval()), val
+
+
+def test_evaluation_on_all_three_settings(trained_probe):
+    model, val = trained_probe
+    metrics = evaluate_gridpg(
+        model, val.images, val.labels, torch.nn.functional.softmax, methods=["ixg", "gradcam"],
+        layers=["input", "final"], n_grids=4, confidence=0.5, settings=("gridpg", "difull", "dipart"),
+    )
+    assert metrics["grids/count"] == 4
+    assert metrics["difull/ixg/input"] == pytest.approx(1.0)  # provably local: a correct method scores 1
+    assert metrics["gridpg/ixg/input"] < 1.0 and metrics["difull/gradcam/final"] < 1.0
+    assert {"dipart/ixg/input", "dipart/ixg/final", "dipart/gradcam/final"} <= metrics.keys()
+
+
+def test_unknown_setting_is_named(trained_probe):
+    model, val = trained_probe
+    with pytest.raises(ValueError, match="unknown localisation setting 'difill': known are gridpg, difull, dipart"):
+        evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], settings=("difill",))

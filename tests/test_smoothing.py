@@ -1,0 +1,69 @@
+"""Smoothing of attribution maps against hand-built kernels (REFERENCE section 4)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing, gaussian_kernel, smooth
+
+
+def _delta(size=15, at=(7, 7)):
+    maps = torch.zeros(1, size, size, dtype=torch.float64)
+    maps[0, at[0], at[1]] = 1.0
+    return maps
+
+
+def test_none_is_the_identity():
+    maps = torch.randn(2, 8, 8)
+    assert smooth(maps, Smoothing()) is maps
+
+
+def test_average_pooling_spreads_a_delta_evenly():
+    out = smooth(_delta(), Smoothing("avgpool", 5))
+    expected = torch.zeros_like(out)
+    expected[0, 5:10, 5:10] = 1 / 25
+    torch.testing.assert_close(out, expected)
+
+
+def test_gaussian_equals_the_dense_2d_kernel():
+    kernel, sigma = 7, 1.5
+    out = smooth(_delta(), Smoothing("gaussian", kernel, sigma))
+    dense = torch.tensor(
+        [[math.exp(-((i - 3) ** 2 + (j - 3) ** 2) / (2 * sigma**2)) for j in range(kernel)] for i in range(kernel)],
+        dtype=torch.float64,
+    )
+    expected = torch.zeros_like(out)
+    expected[0, 4:11, 4:11] = dense / dense.sum()
+    torch.testing.assert_close(out, expected)
+    assert gaussian_kernel(kernel, sigma).sum().item() == pytest.approx(1.0)
+
+
+def test_reference_gaussian_on_a_map_smaller_than_its_kernel():
+    maps = torch.randn(3, 32, 32)
+    out = smooth(maps, REFERENCE_SMOOTHING["ixg"])
+    g = gaussian_kernel(129, 129 / 4)
+    dense = F.conv2d(maps[:, None], torch.outer(g, g)[None, None], padding=64)[:, 0]
+    assert out.shape == maps.shape
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothing_comes_before_clamping():
+    maps = torch.zeros(1, 5, 5)
+    maps[0, 2, 2], maps[0, 2, 3] = 3.0, -2.0
+    out = smooth(maps, Smoothing("avgpool", 3))
+    assert out[0, 2, 2].item() == pytest.approx(1 / 9)  # the negative neighbour lowered it before any clamp
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "median"}, "unknown smoothing 'median': known are none, avgpool, gaussian"),
+        ({"kind": "avgpool", "kernel": 4}, "kernel must be an odd number >= 1, got 4"),
+        ({"kind": "gaussian", "kernel": 5, "sigma": 0}, "sigma must be > 0, got 0"),
+    ],
+)
+def test_bad_smoothing_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Smoothing(**kwargs)
