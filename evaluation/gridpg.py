@@ -51,6 +51,7 @@ def evaluate_gridpg(
     grids_per_batch: int = 8,
     settings: tuple[str, ...] = ("gridpg",),
     smoothing: dict[str, Smoothing] | None = None,
+    on_maps: Callable[[tuple[str, str, str], torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
@@ -65,6 +66,8 @@ def evaluate_gridpg(
         confidence (float): minimum probability of the correct top-1 class.
         settings: any of ``gridpg``, ``difull``, ``dipart``.
         smoothing: per method name, applied to the maps before scoring. Default: none.
+        on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
+            target cells and scores, e.g. to build AggAtt figures.
 
     Returns:
         ``<setting>/<method>/<layer>``: mean score over all cells of all grids (absent when no
@@ -92,7 +95,10 @@ def evaluate_gridpg(
             explained = grid_model(setting, model, grid, cell_index)
             maps = create_method(method)(explained, inputs, targets, layer=layer)
             maps = smooth(maps, smoothing.get(method, Smoothing()))
-            scores[(setting, method, layer)].append(grid_pointing_game(maps, grid, cell_index).cpu())
+            score = grid_pointing_game(maps, grid, cell_index)
+            scores[(setting, method, layer)].append(score.cpu())
+            if on_maps is not None:
+                on_maps((setting, method, layer), maps.detach(), cell_index, score)
     for (setting, method, layer), values in scores.items():
         metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return metrics

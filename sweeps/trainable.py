@@ -17,6 +17,7 @@ import ray
 import torch
 from ray import tune
 
+from evaluation.aggatt import aggatt_bins, aggatt_figure
 from evaluation.gridpg import evaluate_gridpg
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
@@ -56,6 +57,36 @@ def _trial_inputs(config: dict[str, Any]):
     return backbone, val, loss, trainer
 
 
+def _evaluate(model: ProbedModel, val, loss, evaluate: dict[str, Any], run: TrialRun) -> dict[str, float]:
+    """Localisation scores of the trained probe; AggAtt of the top-left cell's explanations as images."""
+    top_left: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def keep_top_left(key, maps, cells, scores):
+        first = cells == 0
+        top_left.setdefault(key, []).append((maps[first].cpu(), scores[first].cpu()))
+
+    metrics = evaluate_gridpg(
+        model,
+        val.images,
+        val.labels,
+        loss.probabilities,
+        methods=evaluate["methods"],
+        layers=evaluate["layers"],
+        grid=evaluate["grid"],
+        n_grids=evaluate["n_grids"],
+        confidence=evaluate["confidence"],
+        seed=evaluate["seed"],
+        settings=tuple(evaluate["metrics"]),
+        smoothing=EvaluateSpec.model_validate(evaluate).smoothing_per_method(),
+        on_maps=keep_top_left,
+    )
+    for (setting, method, layer), parts in top_left.items():
+        maps, scores = (torch.cat(p) for p in zip(*parts))
+        title = f"{setting}/{method}/{layer}: AggAtt, top-left cell, best to worst"
+        run.log_figure(aggatt_figure(aggatt_bins(maps, scores), title), f"aggatt/{setting}-{method}-{layer}.png")
+    return metrics
+
+
 def probe_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; see the module docstring."""
     runtime = config[RUNTIME_KEY]
@@ -82,21 +113,7 @@ def probe_trial(config: dict[str, Any]) -> None:
         while trainer.epoch < epochs:
             metrics = trainer.run_epoch()
             if trainer.epoch == epochs:
-                evaluate = config["evaluate"]
-                metrics |= evaluate_gridpg(
-                    ProbedModel(backbone, trainer.head.eval()),
-                    val.images,
-                    val.labels,
-                    loss.probabilities,
-                    methods=evaluate["methods"],
-                    layers=evaluate["layers"],
-                    grid=evaluate["grid"],
-                    n_grids=evaluate["n_grids"],
-                    confidence=evaluate["confidence"],
-                    seed=evaluate["seed"],
-                    settings=tuple(evaluate["metrics"]),
-                    smoothing=EvaluateSpec.model_validate(evaluate).smoothing_per_method(),
-                )
+                metrics |= _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], run)
             run.log_metrics(metrics, step=trainer.epoch)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)

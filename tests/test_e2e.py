@@ -84,6 +84,10 @@ def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
         assert metrics["val/accuracy"] > 0.8 and metrics["grids/count"] == 8
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
         assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "aggatt")}
+        assert artifacts == {"aggatt/gridpg-ixg-input.png", "aggatt/gridpg-ixg-final.png",
+                             "aggatt/gridpg-gradcam-final.png", "aggatt/difull-ixg-input.png",
+                             "aggatt/difull-ixg-final.png", "aggatt/difull-gradcam-final.png"}
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # one value per epoch
 
