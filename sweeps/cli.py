@@ -63,8 +63,30 @@ def run(
     spec = _load(config or DEMO_SPEC)
     from sweeps.runner import run_sweep
 
-    outcome = run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri,
-                        log=lambda line: typer.echo(line, err=True))
+    _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, log=log))
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(help="Sweep name (as printed by `probesweep run`).")],
+    storage: Annotated[
+        Optional[Path], typer.Option(help="Folder of the sweep's Ray results (the spec's `storage`). Default: ./ray_results.")
+    ] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address. Default: a local instance.")] = None,
+) -> None:
+    """Continue an interrupted sweep: finished trials are kept, the others resume from their checkpoints."""
+    from sweeps.runner import resume_sweep
+
+    _finish(lambda log: resume_sweep(name, storage=storage, address=address, log=log))
+
+
+def _finish(start) -> None:
+    """Run a sweep (new or resumed), print its table, exit 1 if trials failed, 2 on bad input."""
+    try:
+        outcome = start(lambda line: typer.echo(line, err=True))
+    except (FileExistsError, FileNotFoundError) as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
     _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}")
     if outcome.n_failed:
         typer.echo(f"{outcome.n_failed} of {outcome.n_trials} trials failed (their MLflow runs hold the error)", err=True)

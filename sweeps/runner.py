@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ from sweeps.report import is_localisation_score
 from sweeps.spec import SweepSpec
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
-__all__ = ["SweepOutcome", "prepare_caches", "run_sweep", "trial_param_space"]
+__all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,13 @@ def _progress_callback(total: int, log: Callable[[str], None]):
         def __init__(self):
             self.done = 0
 
+        def _count(self, trials, trial) -> None:
+            # counted from the trials' states, so that a resumed sweep counts its earlier trials
+            ended = {"TERMINATED", "ERROR"}
+            self.done = sum(t.status in ended for t in trials) + (trial.status not in ended)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
+            self._count(trials, trial)
             result = trial.last_result or {}
             scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k))
             grids = int(result.get("grids/count", 0))
@@ -89,7 +94,7 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
+            self._count(trials, trial)
             log(f"[{self.done}/{total}] {trial.trial_id} FAILED: see {trial.local_path or trial.path}/error.txt")
 
     return Progress()
@@ -122,6 +127,9 @@ def ray_output_to(log_file: Path):
         handler.close()
 
 
+RECORD_FILE = "probesweep.yaml"  # beside Ray's experiment state: what `probesweep resume` needs
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -139,20 +147,21 @@ def run_sweep(
         tracking_uri: MLflow store; default ``spec.tracking.uri`` or ``sqlite:///<workdir>/mlflow.db``.
         workdir: where relative outputs go; default the current directory.
     """
-    from mlflow import MlflowClient
-
     from probing.backbones import cache_dir
 
     workdir = (workdir or Path.cwd()).resolve()
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(workdir)
     storage = Path(spec.storage or workdir / "ray_results").expanduser().resolve()
+    if (storage / name).exists():
+        raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
     n_trials = len(spec.trials())
 
     prepare_caches(spec, log)
     experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials)
+    outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
     runtime = {
         "tracking_uri": uri,
         "experiment_id": experiment_id,
@@ -160,35 +169,16 @@ def run_sweep(
         "cache_dir": str(cache_dir()),
         "threads": max(1, int(spec.resources.cpu)),
     }
+    (storage / name).mkdir(parents=True)
+    record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome)}
+    (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
     log(f"sweep {name}: {n_trials} trials, MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
-    log_file = storage / name / "driver.log"
-    log(f"Ray's own messages go to {log_file}")
-    status, failed = "FAILED", n_trials
-    try:
-        with ray_output_to(log_file) as reroute:
-            failed = _fit(spec, name, storage, runtime, n_trials, address, log, after_init=reroute)
-        status = "FINISHED" if failed == 0 else "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:  # never leave the sweep's run RUNNING
-        MlflowClient(uri).set_terminated(parent_run_id, status)
-    return SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, failed, str(storage / name))
 
+    def new_tuner():
+        from ray import tune
 
-def _fit(spec, name, storage, runtime, n_trials, address, log, after_init) -> int:
-    """Start (or join) Ray, run the Tuner, shut Ray down; returns the number of failed trials."""
-    import ray
-    from ray import tune
-
-    from sweeps.trainable import probe_trial
-
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    after_init()
-    failed = n_trials
-    try:
-        tuner = tune.Tuner(
-            tune.with_resources(probe_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+        return tune.Tuner(
+            _trainable(spec),
             param_space=trial_param_space(spec, runtime),
             run_config=tune.RunConfig(
                 name=name,
@@ -198,8 +188,69 @@ def _fit(spec, name, storage, runtime, n_trials, address, log, after_init) -> in
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-        failed = tuner.fit().num_errors
-    finally:
-        ray.shutdown()
-    return failed
 
+    return _drive(outcome, new_tuner, address, log)
+
+
+def resume_sweep(
+    name: str, *, storage: Path | None = None, address: str | None = None, log: Callable[[str], None] = print
+) -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials stay finished, the others resume from their
+    last checkpoint and continue their MLflow runs.
+
+    Args:
+        storage: the folder holding the sweep's Ray results; default ``./ray_results``.
+    """
+    from mlflow import MlflowClient
+    from ray import tune
+
+    folder = Path(storage or Path.cwd() / "ray_results").expanduser().resolve() / name
+    record_file = folder / RECORD_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"no sweep {name!r} to resume: {record_file} does not exist")
+    if not tune.Tuner.can_restore(str(folder)):
+        raise FileNotFoundError(f"sweep {name!r} never started its trials ({folder} holds no Ray Tune state)")
+    record = yaml.safe_load(record_file.read_text())
+    spec = SweepSpec.model_validate(record["spec"])
+    outcome = SweepOutcome(**record["outcome"])
+    MlflowClient(outcome.tracking_uri).update_run(outcome.parent_run_id, status="RUNNING")
+    log(f"resuming sweep {name}: {outcome.n_trials} trials, MLflow {outcome.tracking_uri}, Ray results {folder}")
+    prepare_caches(spec, log)  # a fresh node (or a wiped cache) rebuilds what the trials read
+
+    def restored_tuner():
+        return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
+
+    return _drive(outcome, restored_tuner, address, log)
+
+
+def _trainable(spec: SweepSpec):
+    from ray import tune
+
+    from sweeps.trainable import probe_trial
+
+    return tune.with_resources(probe_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _drive(outcome: SweepOutcome, make_tuner, address: str | None, log: Callable[[str], None]) -> SweepOutcome:
+    """Start (or join) Ray, fit the tuner, shut Ray down, and close the sweep's MLflow run."""
+    import ray
+    from mlflow import MlflowClient
+
+    log_file = Path(outcome.storage_path) / "driver.log"
+    log(f"Ray's own messages go to {log_file}")
+    status, failed = "FAILED", outcome.n_trials
+    try:
+        with ray_output_to(log_file) as reroute:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            reroute()
+            try:
+                failed = make_tuner().fit().num_errors
+            finally:
+                ray.shutdown()
+        status = "FINISHED" if failed == 0 else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:  # never leave the sweep's run RUNNING
+        MlflowClient(outcome.tracking_uri).set_terminated(outcome.parent_run_id, status)
+    return replace(outcome, n_failed=failed)

@@ -102,6 +102,7 @@ class TrialRun:
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.trial_id, self.trial_name = trial_id, trial_name
         self.run_id = ""
+        self.previous_status: str | None = None  # of the run found on entry; None if created
 
     def __enter__(self) -> "TrialRun":
         found = self.client.search_runs(
@@ -109,12 +110,16 @@ class TrialRun:
             filter_string=f"tags.trial_id = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
         )
         if found:
-            self.run_id = found[0].info.run_id
+            self.run_id, self.previous_status = found[0].info.run_id, found[0].info.status
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"trial_id": self.trial_id, "mlflow.parentRunId": self.parent_run_id}
             self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=self.trial_name).info.run_id
         return self
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The last value of every metric logged to this run."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params

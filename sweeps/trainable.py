@@ -100,6 +100,11 @@ def probe_trial(config: dict[str, Any]) -> None:
         context.get_trial_id(),
         context.get_trial_name(),
     ) as run:
+        if run.previous_status == "FINISHED":
+            # Finished before the driver died, but Ray's experiment state had not caught up: its
+            # results are in MLflow already, so report them instead of training again.
+            tune.report({**run.latest_metrics(), "epoch": config["train"]["epochs"]})
+            return
         run.log_params(flatten({k: v for k, v in config.items() if k != RUNTIME_KEY}))
         run.set_tags({"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()})
         backbone, val, loss, trainer = _trial_inputs(config)

@@ -31,7 +31,8 @@ def test_a_retried_trial_continues_its_run(store):
     with TrialRun(uri, experiment_id, parent, "t_00000", "probe_trial_t_00000") as run:
         run.log_params({"loss": "ce", "seed": "0"})  # params are write-once: only the new one is logged
         run.log_metrics({"val/accuracy": 0.75}, step=2)
-        assert run.run_id == first
+        assert run.run_id == first and run.previous_status == "FINISHED"
+        assert run.latest_metrics() == {"val/accuracy": 0.75}
     client = MlflowClient(uri)
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
