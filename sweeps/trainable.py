@@ -1,8 +1,8 @@
 """The Ray Tune function trainable: one trial = train a probe, explain it, score it, log it.
 
-This is the only module that calls ``ray.tune`` (its API churns between releases). A trial reads
-its config, resumes from ``tune.get_checkpoint()`` if there is one, reports every epoch with a
-checkpoint of the trainer state, and adds the localisation scores to the last epoch's report.
+A trial reads its config, continues its MLflow run if one exists (tag ``trial_id``), resumes from
+``tune.get_checkpoint()`` if there is one, reports every epoch with a checkpoint of the trainer
+state, and adds the localisation scores (and AggAtt figures) to the last epoch.
 """
 
 from __future__ import annotations
