@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DiFullModel", "DiPartModel", "GRID_SETTINGS", "crop_cells", "grid_model", "join_cells", "split_cells"]
+__all__ = ["DiFullModel", "DiPartModel", "GRID_SETTINGS", "check_setting", "crop_cells", "grid_model", "join_cells", "split_cells"]
 
 GRID_SETTINGS = ("gridpg", "difull", "dipart")
 
@@ -89,12 +89,14 @@ class DiPartModel(_GridModel):
         return self.model.head(crop_cells(features, self.grid, cells))
 
 
+def check_setting(setting: str) -> str:
+    if setting not in GRID_SETTINGS:
+        raise ValueError(f"unknown localisation setting {setting!r}: known are {', '.join(GRID_SETTINGS)}")
+    return setting
+
+
 def grid_model(setting: str, model: nn.Module, grid: int, cells: torch.Tensor) -> nn.Module:
     """The model to explain for a localisation setting: the plain model for GridPG."""
-    if setting == "gridpg":
-        return model
-    if setting == "difull":
-        return DiFullModel(model, grid, cells)
-    if setting == "dipart":
-        return DiPartModel(model, grid, cells)
-    raise ValueError(f"unknown localisation setting {setting!r}: known are {', '.join(GRID_SETTINGS)}")
+    wrappers = {"gridpg": None, "difull": DiFullModel, "dipart": DiPartModel}
+    wrapper = wrappers[check_setting(setting)]
+    return model if wrapper is None else wrapper(model, grid, cells)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from evaluation.attribution import create_method
-from evaluation.grid_models import GRID_SETTINGS, grid_model
+from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
 from evaluation.smoothing import Smoothing, smooth
@@ -73,9 +73,8 @@ def evaluate_gridpg(
         ``<setting>/<method>/<layer>``: mean score over all cells of all grids (absent when no
         grid could be built), ``grids/count`` and ``grids/confident_images``.
     """
-    for setting in settings:
-        if setting not in GRID_SETTINGS:
-            raise ValueError(f"unknown localisation setting {setting!r}: known are {', '.join(GRID_SETTINGS)}")
+    for setting in settings:  # before any work
+        check_setting(setting)
     smoothing = smoothing or {}
     confident = confident_mask(predict_probabilities(model, images, activation), labels, confidence)
     grids = build_grids(images, labels, confident, grid, n_grids, seed)
