@@ -10,6 +10,7 @@ from evaluation.grid_models import GRID_SETTINGS
 
 __all__ = ["is_localisation_score", "trial_rows", "render_table"]
 
+
 def is_localisation_score(metric: str) -> bool:
     """``<setting>/<method>/<layer>`` for a grid setting (gridpg, difull, dipart)."""
     return metric.split("/", 1)[0] in GRID_SETTINGS and metric.count("/") == 2

@@ -65,19 +65,20 @@ def _evaluate(model: ProbedModel, val, loss, evaluate: dict[str, Any], run: Tria
         first = cells == 0
         top_left.setdefault(key, []).append((maps[first].cpu(), scores[first].cpu()))
 
+    spec = EvaluateSpec.model_validate(evaluate)
     metrics = evaluate_gridpg(
         model,
         val.images,
         val.labels,
         loss.probabilities,
-        methods=evaluate["methods"],
-        layers=evaluate["layers"],
-        grid=evaluate["grid"],
-        n_grids=evaluate["n_grids"],
-        confidence=evaluate["confidence"],
-        seed=evaluate["seed"],
-        settings=tuple(evaluate["metrics"]),
-        smoothing=EvaluateSpec.model_validate(evaluate).smoothing_per_method(),
+        methods=spec.methods,
+        layers=spec.layers,
+        grid=spec.grid,
+        n_grids=spec.n_grids,
+        confidence=spec.confidence,
+        seed=spec.seed,
+        settings=tuple(spec.metrics),
+        smoothing=spec.smoothing_per_method(),
         on_maps=keep_top_left,
     )
     for (setting, method, layer), parts in top_left.items():
