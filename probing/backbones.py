@@ -46,11 +46,13 @@ class BackboneConfig:
     Attributes:
         mean, std: per-channel normalisation applied to images in [0, 1].
         layer_stages: for each ML-Att layer, how many stages run before it.
+        bcos_input: B-cos networks take ``[x, 1 - x]`` (6 channels) instead of normalised images.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     layer_stages: dict[str, int] = field(default_factory=dict)
+    bcos_input: bool = False
 
 
 class StagedBackbone(nn.Module):
@@ -74,6 +76,8 @@ class StagedBackbone(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, 3, H, W) -> the network's input."""
+        if self.config.bcos_input:
+            return torch.cat([images, 1.0 - images], dim=1)
         return (images - self.mean) / self.std
 
     def _stage_index(self, layer: str) -> int:
@@ -96,94 +100,44 @@ class StagedBackbone(nn.Module):
     forward = forward_features
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convolutions with BatchNorm and a (projected) shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        # ReLU modules, one per use (not torch.relu): Guided Backprop and LRP rules hook modules.
-        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-# Per-channel statistics of the digits train images at 32 px (the same value on all 3 channels).
-DIGITS_MEAN, DIGITS_STD = (0.305,) * 3, (0.324,) * 3
-
-
-def tiny_resnet(widths: tuple[int, int, int] = (16, 32, 64)) -> StagedBackbone:
-    """A small ResNet for 32 px images: stem, then one basic block per width (stride 1, 2, 2).
-
-    Layers: ``middle`` is the output of the second block (16x16 at 32 px), ``final`` the last
-    feature map (8x8 at 32 px), as ResNet's layer2 / layer4 in the paper.
-    """
-    w1, w2, w3 = widths
-    stages = nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU()),
-        BasicBlock(w1, w1),
-        BasicBlock(w1, w2, stride=2),
-        BasicBlock(w2, w3, stride=2),
-    )
-    config = BackboneConfig(DIGITS_MEAN, DIGITS_STD, {"input": 0, "middle": 3, "final": 4})
-    return StagedBackbone(stages, config, out_channels=w3)
-
-
 @dataclass(frozen=True)
 class BackboneEntry:
-    """A registered backbone: how to build it and, for embedded ones, how to pre-train it."""
+    """A registered backbone.
 
-    build: Callable[[], StagedBackbone]
+    Attributes:
+        build: options -> the architecture with initial weights.
+        pretrain: for embedded backbones, trains a built one in place at first use (then cached).
+        load: for backbones with published weights, ``(backbone, options) -> None`` loads them.
+        layers: the ML-Att layers it exposes.
+    """
+
+    build: Callable[..., StagedBackbone]
     pretrain: Callable[[StagedBackbone, Callable[[str], None]], None] | None = None  # (backbone, log)
+    load: Callable[..., str] | None = None  # (backbone, **options) -> weights digest
     description: str = ""
+    layers: tuple[str, ...] = LAYERS
 
 
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")
 
 
-def _pretrain_supervised_on_digits(backbone: StagedBackbone, log: Callable[[str], None]) -> None:
-    from probing.pretrain import pretrain_supervised
-
-    pretrain_supervised(backbone, dataset="digits", epochs=15, seed=0, log=log)
-
-
-BACKBONES.register("tiny_resnet_sup")(
-    BackboneEntry(
-        build=tiny_resnet,
-        pretrain=_pretrain_supervised_on_digits,
-        description="16/32/64-channel ResNet, supervised pre-training on the digits train split",
-    )
-)
+def file_digest(path: Path) -> str:
+    """First 12 hex digits of the file's SHA-256 (keys the feature cache to the weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
-def create_backbone(name: str, log: Callable[[str], None] = print) -> StagedBackbone:
-    """Build the backbone ``name`` with its weights, frozen and in eval mode.
-
-    Embedded backbones are pre-trained at first use and cached under :func:`cache_dir`; the
-    cache is shared by all processes (a file lock makes one train while the others wait).
-    """
+def _cached_pretrained(name: str, entry: BackboneEntry, backbone: StagedBackbone, log) -> str:
+    """Load an embedded backbone's weights, pre-training and caching them first if needed."""
     from filelock import FileLock
 
-    entry = BACKBONES.get(name)
-    backbone = entry.build()
     weights = cache_dir() / "backbones" / f"{name}.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(weights) + ".lock"):
         if not weights.exists():
-            if entry.pretrain is None:
-                raise FileNotFoundError(f"no weights for backbone {name!r} at {weights}")
             log(f"pre-training backbone {name} (first use; cached at {weights})")
             entry.pretrain(backbone, log)
             tmp = weights.with_suffix(".tmp")
@@ -191,10 +145,35 @@ def create_backbone(name: str, log: Callable[[str], None] = print) -> StagedBack
             os.replace(tmp, weights)  # atomic: readers never see a half-written file
         state = torch.load(weights, map_location="cpu", weights_only=True)
     backbone.load_state_dict(state, strict=True)
-    backbone.name, backbone.digest = name, _file_digest(weights)
+    return file_digest(weights)
+
+
+def create_backbone(name: str, log: Callable[[str], None] = print, **options) -> StagedBackbone:
+    """Build the backbone ``name`` with its weights, frozen and in eval mode.
+
+    Embedded backbones are pre-trained at first use and cached under :func:`cache_dir`; the
+    cache is shared by all processes (a file lock makes one train while the others wait).
+    Backbones with published weights take ``weights`` (a checkpoint file) among ``options``;
+    see :mod:`probing.zoo`.
+    """
+    entry = BACKBONES.get(name)
+    if entry.load is not None:
+        backbone = entry.build()
+        digest = entry.load(backbone, **options)
+    else:
+        if options:
+            raise ValueError(f"backbone {name!r} takes no options, got {', '.join(sorted(options))}")
+        backbone = entry.build()
+        digest = _cached_pretrained(name, entry, backbone, log)
+    backbone.name, backbone.digest = name, digest
     backbone.eval().requires_grad_(False)
     return backbone
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
     return BACKBONES.names(pattern)
+
+
+# the registered backbones; imported last because they build on the classes above
+import probing.embedded_backbones  # noqa: E402, F401
+import probing.zoo  # noqa: E402, F401

@@ -1,19 +1,22 @@
-"""Data sets: images in [0, 1] with integer labels, split once with a fixed seed.
+"""Data sets: images in [0, 1] with labels, in fixed train and val splits.
 
 The embedded data set is scikit-learn's handwritten digits (1,797 real 8x8 scans shipped with the
-package, so nothing is ever downloaded), upscaled to 32x32 and repeated over 3 channels.
+package, so nothing is ever downloaded), upscaled to 32x32 and repeated over 3 channels. Data sets
+on disk (ImageNet-style folders, PASCAL VOC 2007, COCO 2014) live in :mod:`probing.image_data`
+and load their images on demand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from probing.registry import Registry
 
-__all__ = ["Split", "DATASETS", "create_dataset", "list_datasets"]
+__all__ = ["Split", "ShiftedImages", "DATASETS", "SPLITS", "create_dataset", "list_datasets"]
 
 DATASETS: Registry = Registry("dataset")
 
@@ -25,21 +28,58 @@ class Split:
     """One split of a data set.
 
     Attributes:
-        images (Tensor): (N, 3, H, W) float32 in [0, 1], not normalised (backbones normalise).
-        labels (Tensor): (N,) int64 class indices.
+        images: (N, 3, H, W) float32 in [0, 1], not normalised (backbones normalise): a tensor,
+            or an indexable that loads them on demand (``images[i]``, ``images[a:b]``,
+            ``images[index_tensor]`` and ``images.shape`` behave as for a tensor).
+        labels (Tensor): (N,) int64 class indices, or (N, K) multi-hot floats (multi-label).
         classes (tuple[str, ...]): class names, index = label.
+        transform (str): names the deterministic transform that made ``images`` (keys the feature cache).
+        boxes (tuple[Tensor, ...]): for data sets with boxes, one (M, 6) tensor per image:
+            class, x0, y0, x1, y1 in pixels of ``images``, and a flag (VOC difficult, COCO crowd).
+        skipped (int): unreadable images left out (``skip_corrupt``).
+        augmented: the same images with random training augmentation, or None.
     """
 
-    images: torch.Tensor
+    images: Any
     labels: torch.Tensor
     classes: tuple[str, ...]
+    transform: str = "none"
+    boxes: tuple[torch.Tensor, ...] | None = None
+    skipped: int = 0
+    augmented: Any = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.dim() == 2
+
     def __len__(self) -> int:
         return len(self.labels)
+
+
+class ShiftedImages:
+    """A tensor of images, each translated by up to ``max_shift`` px (zero fill) whenever it is read."""
+
+    def __init__(self, images: torch.Tensor, max_shift: int, seed: int = 0):
+        self.images, self.max_shift = images, max_shift
+        self.generator = torch.Generator().manual_seed(seed)
+        self.shape = images.shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        batch = self.images[index]
+        single = batch.dim() == 3
+        batch = batch[None] if single else batch
+        size, m = batch.shape[-1], self.max_shift
+        padded = F.pad(batch, [m] * 4)
+        offsets = torch.randint(0, 2 * m + 1, (len(batch), 2), generator=self.generator).tolist()
+        out = torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)])
+        return out[0] if single else out
 
 
 @DATASETS.register("digits")
@@ -47,7 +87,7 @@ def digits(split: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0)
     """scikit-learn's handwritten digits, upscaled bilinearly to ``size`` px, 3 channels.
 
     The split is stratified per class and fixed by ``seed``, so every trial and every machine sees
-    the same train and val images.
+    the same train and val images. Training augmentation: random shifts of up to 3 px.
     """
     from sklearn.datasets import load_digits
 
@@ -64,15 +104,20 @@ def digits(split: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0)
         members = members[torch.randperm(len(members), generator=generator)]
         is_val[members[: round(len(members) * val_fraction)]] = True
     keep = is_val if split == "val" else ~is_val
-    return Split(images[keep], labels[keep], tuple(str(c) for c in range(10)))
+    classes = tuple(str(c) for c in range(10))
+    return Split(images[keep], labels[keep], classes, f"bilinear{size}", augmented=ShiftedImages(images[keep], 3, seed))
 
 
-def create_dataset(name: str, split: str, **kwargs) -> Split:
-    """Load ``split`` ("train" or "val") of the registered data set ``name``."""
+def create_dataset(name: str, split: str, **options) -> Split:
+    """Load ``split`` ("train" or "val") of the registered data set ``name`` with its ``options``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: known are {', '.join(SPLITS)}")
-    return DATASETS.get(name)(split, **kwargs)
+    return DATASETS.get(name)(split, **options)
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
+
+
+# the data sets on disk register themselves; imported last because they build on Split
+import probing.image_data  # noqa: E402, F401

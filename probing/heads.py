@@ -1,46 +1,66 @@
 """Probes: classification heads trained on a frozen backbone's last feature map.
 
-As in the reference code of "How to Probe" (Gairola et al., ICLR 2025), a head is applied as 1x1
-convolutions to the spatial feature map and global average pooling comes *after* it. For a linear
-head this equals a linear layer on pooled features; for an MLP it does not, and it keeps the
-final-layer attributions faithful to the head.
+As in the reference code of "How to Probe" (Gairola et al., ICLR 2025), a head is by default
+applied as 1x1 convolutions to the spatial feature map and global average pooling comes *after*
+it (``input="spatial"``). For a linear head this equals a linear layer on pooled features; for MLP
+and B-cos heads it does not, and it keeps final-layer attributions faithful to the head.
+``input="pooled"`` pools first and applies the same layers to the (B, C, 1, 1) result.
+
+B-cos layers and uncentred norms come from the ``bcos`` package (Böhle et al.).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
 from probing.registry import Registry
 
-__all__ = ["HEADS", "Head", "create_head", "list_heads", "default_logit_bias"]
+__all__ = [
+    "HEADS",
+    "HEAD_INPUTS",
+    "Head",
+    "create_head",
+    "list_heads",
+    "default_logit_bias",
+    "explanation_mode",
+]
 
 HEADS: Registry = Registry("head")
+HEAD_INPUTS = ("spatial", "pooled")
 
 
 class Head(nn.Module):
-    """1x1-convolution body, global average pooling, then a constant logit bias.
+    """1x1-convolution body and global average pooling (after or before it), then a logit bias.
 
     Args:
         body (nn.Module): (B, C, h, w) -> (B, K, h, w).
         logit_bias (float): constant added to every logit after pooling.
+        input (str): ``spatial`` (body, then pool) or ``pooled`` (pool, then body).
     """
 
-    def __init__(self, body: nn.Module, logit_bias: float = 0.0):
+    def __init__(self, body: nn.Module, logit_bias: float = 0.0, input: Literal["spatial", "pooled"] = "spatial"):
         super().__init__()
+        if input not in HEAD_INPUTS:
+            raise ValueError(f"unknown head input {input!r}: known are {', '.join(HEAD_INPUTS)}")
         self.body = body
         self.logit_bias = float(logit_bias)
+        self.input = input
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Feature map (B, C, h, w) -> logits (B, K)."""
+        if self.input == "pooled":
+            features = features.mean(dim=(2, 3), keepdim=True)
         return self.body(features).mean(dim=(2, 3)) + self.logit_bias
 
 
-def default_logit_bias(loss: str, num_classes: int) -> float:
-    """-log(C - 1) for BCE probes, so that initial sigmoid outputs are about 1/C; 0 for CE."""
-    return -math.log(num_classes - 1) if loss == "bce" else 0.0
+def default_logit_bias(loss: str, num_classes: int, head: str = "linear") -> float:
+    """-log(C - 1) for BCE-type losses and B-cos heads (initial sigmoid outputs about 1/C), else 0."""
+    return -math.log(num_classes - 1) if loss.startswith("bce") or head == "bcos" else 0.0
 
 
 def _conv1x1(cin: int, cout: int, std: float | None = None) -> nn.Conv2d:
@@ -52,13 +72,20 @@ def _conv1x1(cin: int, cout: int, std: float | None = None) -> nn.Conv2d:
 
 
 @HEADS.register("linear")
-def linear(in_channels: int, num_classes: int, logit_bias: float = 0.0) -> Head:
+def linear(in_channels: int, num_classes: int, logit_bias: float = 0.0, input: str = "spatial") -> Head:
     """One 1x1 convolution with N(0, 0.01) weights: a linear probe."""
-    return Head(_conv1x1(in_channels, num_classes, std=0.01), logit_bias)
+    return Head(_conv1x1(in_channels, num_classes, std=0.01), logit_bias, input)
 
 
 @HEADS.register("mlp")
-def mlp(in_channels: int, num_classes: int, depth: int = 2, width: int = 2048, logit_bias: float = 0.0) -> Head:
+def mlp(
+    in_channels: int,
+    num_classes: int,
+    depth: int = 2,
+    width: int = 2048,
+    logit_bias: float = 0.0,
+    input: str = "spatial",
+) -> Head:
     """Conventional MLP of ``depth`` layers: ``fc -> BN -> [ReLU -> fc -> BN] x (depth-2) -> ReLU -> fc``."""
     if depth < 2:
         raise ValueError(f"mlp head depth must be >= 2, got {depth}")
@@ -66,11 +93,61 @@ def mlp(in_channels: int, num_classes: int, depth: int = 2, width: int = 2048, l
     for _ in range(depth - 2):
         layers += [nn.ReLU(), _conv1x1(width, width), nn.BatchNorm2d(width)]
     layers += [nn.ReLU(), _conv1x1(width, num_classes)]
-    return Head(nn.Sequential(*layers), logit_bias)
+    return Head(nn.Sequential(*layers), logit_bias, input)
+
+
+@HEADS.register("bcos")
+def bcos_mlp(
+    in_channels: int,
+    num_classes: int,
+    depth: int = 2,
+    width: int = 2048,
+    b: float = 2.0,
+    max_out: int = 1,
+    logit_bias: float = 0.0,
+    input: str = "spatial",
+) -> Head:
+    """B-cos MLP: ``[BcosConv 1x1 -> uncentred BN without bias] x (depth-1) -> BcosConv 1x1``.
+
+    No activation: the B-cos layer (exponent ``b``, ``max_out`` MaxOut units) is the
+    non-linearity, so with the dynamic scaling detached (:func:`explanation_mode`) the head is
+    dynamic linear and ``features * d logit / d features`` sums to the logit minus its bias.
+    """
+    from bcos.modules import BcosConv2d, BatchNormUncentered2d
+    from bcos.modules.norms import NoBias
+
+    if depth < 1:
+        raise ValueError(f"bcos head depth must be >= 1, got {depth}")
+    if b < 1:
+        raise ValueError(f"bcos head exponent b must be >= 1, got {b}")
+    widths = [in_channels] + [width] * (depth - 1) + [num_classes]
+    layers: list[nn.Module] = []
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        layers.append(BcosConv2d(cin, cout, kernel_size=1, b=b, max_out=max_out))
+        if i < depth - 1:
+            layers.append(NoBias(BatchNormUncentered2d)(cout))
+    return Head(nn.Sequential(*layers), logit_bias, input)
+
+
+@contextmanager
+def explanation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Detach the dynamic scaling of every B-cos module in ``model`` while inside the block.
+
+    A model without B-cos modules is unchanged, so callers need not check.
+    """
+    switchable = [m for m in model.modules() if hasattr(m, "set_explanation_mode")]
+    before = [getattr(m, "detach", False) for m in switchable]
+    for m in switchable:
+        m.set_explanation_mode(True)
+    try:
+        yield model
+    finally:
+        for m, was in zip(switchable, before):
+            m.set_explanation_mode(was)
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **kwargs) -> Head:
-    """Build the registered head ``name``; ``kwargs`` are its options (depth, width, logit_bias)."""
+    """Build the registered head ``name``; ``kwargs`` are its options (depth, width, b, input, logit_bias)."""
     return HEADS.get(name)(in_channels, num_classes, **kwargs)
 
 

@@ -19,11 +19,16 @@ __all__ = ["LOSSES", "Loss", "create_loss", "list_losses", "uniform_off_label_ta
 
 @dataclass(frozen=True)
 class Loss:
-    """A loss on (logits (B, K), labels (B,)) and the probabilities it trains the logits to give."""
+    """A loss on logits (B, K) and labels, and the probabilities it trains the logits to give.
+
+    Labels are class indices (B,) for single-label losses and multi-hot (B, K) floats for
+    ``multilabel`` ones.
+    """
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     probabilities: Callable[[torch.Tensor], torch.Tensor]
+    multilabel: bool = False
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.fn(logits, labels)
@@ -44,6 +49,10 @@ def _bce_uniform_off_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 LOSSES.register("ce")(Loss("ce", F.cross_entropy, lambda z: z.softmax(dim=1)))
 LOSSES.register("bce")(Loss("bce", _bce_uniform_off_labels, torch.sigmoid))
+# plain BCE on multi-hot targets, for multi-label data (VOC, COCO)
+LOSSES.register("bce_multilabel")(
+    Loss("bce_multilabel", lambda z, t: F.binary_cross_entropy_with_logits(z, t.float()), torch.sigmoid, True)
+)
 
 
 def create_loss(name: str) -> Loss:

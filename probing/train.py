@@ -1,4 +1,5 @@
-"""Probe training on cached features: Adam, optional linear warm-up, cosine decay.
+"""Probe training on cached features: Adam with linear warm-up and cosine decay (How to Probe), or
+SGD with momentum 0.9 and step decay (x0.1 at 60% and 80% of the epochs; the older reference).
 
 :class:`ProbeTrainer` runs one epoch at a time and its whole state (head, optimiser, schedule,
 epoch, shuffling RNG) round-trips through ``state_dict``, so a trial can checkpoint after any
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
 from probing.losses import Loss
 
-__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError"]
+__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError", "correct_predictions"]
 
 
 class DivergedError(RuntimeError):
@@ -27,7 +29,8 @@ class TrainConfig:
     """Probe training settings (How to Probe trains ImageNet probes with Adam, lr 1e-3, batch 256).
 
     Attributes:
-        warmup_epochs: linear warm-up from 0.01x lr, then cosine decay to 0 (per step).
+        optimizer: ``adam`` (cosine schedule) or ``sgd`` (step schedule).
+        warmup_epochs: linear warm-up from 0.01x lr before either schedule (per step).
     """
 
     epochs: int = 10
@@ -36,6 +39,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_epochs: int = 0
     seed: int = 0
+    optimizer: Literal["adam", "sgd"] = "adam"
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether the top-1 class is right: equal to the label, or one of the positives of a multi-hot label."""
+    top = logits.argmax(1)
+    if labels.dim() == 2:
+        return labels.gather(1, top[:, None]).squeeze(1) > 0
+    return top == labels
 
 
 class ProbeTrainer:
@@ -44,26 +56,45 @@ class ProbeTrainer:
     Args:
         head (nn.Module): (B, C, h, w) -> logits (B, K).
         loss (Loss): the probe loss.
-        train (tuple[Tensor, Tensor]): features (N, C, h, w) and labels (N,).
-        val (tuple[Tensor, Tensor]): the same for validation.
+        train (tuple): inputs and labels (N,) or multi-hot (N, K). Inputs are features
+            (N, C, h, w), or anything indexable that ``embed`` turns into features batch by batch.
+        val (tuple[Tensor, Tensor]): features and labels for validation.
         config (TrainConfig): settings.
+        embed (callable): optional, a batch of train inputs -> features (e.g. augment, then
+            the frozen backbone: the slow path that does not use the feature cache).
     """
 
-    def __init__(self, head: nn.Module, loss: Loss, train, val, config: TrainConfig):
-        self.head, self.loss, self.config = head, loss, config
+    def __init__(
+        self,
+        head: nn.Module,
+        loss: Loss,
+        train,
+        val,
+        config: TrainConfig,
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.head, self.loss, self.config, self.embed = head, loss, config, embed
         self.train_features, self.train_labels = train
         self.val_features, self.val_labels = val
         self.device = next(head.parameters()).device
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
-        self.optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                head.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
         warmup = self.config.warmup_epochs * self.steps_per_epoch
         if step < warmup:
             return 0.01 + 0.99 * step / warmup
+        if self.config.optimizer == "sgd":
+            epoch = step // self.steps_per_epoch
+            return 0.1 ** sum(epoch >= round(f * self.config.epochs) for f in (0.6, 0.8))
         total = max(1, self.config.epochs * self.steps_per_epoch - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
 
@@ -74,7 +105,10 @@ class ProbeTrainer:
         total_loss, correct = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
             idx = order[start : start + self.config.batch_size]
-            features = self.train_features[idx].to(self.device)
+            features = self.train_features[idx]
+            if self.embed is not None:
+                features = self.embed(features)
+            features = features.to(self.device)
             labels = self.train_labels[idx].to(self.device)
             logits = self.head(features)
             loss = self.loss(logits, labels)
@@ -88,7 +122,7 @@ class ProbeTrainer:
             self.optimizer.step()
             self.schedule.step()
             total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == labels).sum().item()
+            correct += correct_predictions(logits, labels).sum().item()
         self.epoch += 1
         n = len(self.train_labels)
         return {"train/loss": total_loss / n, "train/accuracy": correct / n, **self.validate()}
@@ -102,7 +136,7 @@ class ProbeTrainer:
         labels = self.val_labels.to(self.device)
         return {
             "val/loss": self.loss(logits, labels).item(),
-            "val/accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "val/accuracy": correct_predictions(logits, labels).float().mean().item(),
         }
 
     def state_dict(self) -> dict:

@@ -7,6 +7,7 @@ import math
 from mlflow import MlflowClient
 
 from evaluation.grid_models import GRID_SETTINGS
+from sweeps.spec import head_label
 
 __all__ = ["is_localisation_score", "trial_rows", "render_table"]
 
@@ -20,8 +21,7 @@ FIXED = ("trial", "backbone", "loss", "head", "status", "val/accuracy", "grids")
 
 
 def _head_label(params: dict[str, str]) -> str:
-    options = [f"{k[0]}{params[f'head.{k}']}" for k in ("depth", "width") if f"head.{k}" in params]
-    return "-".join([params.get("head.type", "?"), *options])
+    return head_label({k.removeprefix("head."): v for k, v in params.items() if k.startswith("head.")})
 
 
 def trial_rows(uri: str, parent_run_id: str) -> list[dict[str, object]]:
@@ -39,7 +39,7 @@ def trial_rows(uri: str, parent_run_id: str) -> list[dict[str, object]]:
         params, metrics = run.data.params, run.data.metrics
         row: dict[str, object] = {
             "trial": run.data.tags.get("trial_id", run.info.run_name),
-            "backbone": params.get("backbone", "?"),
+            "backbone": params.get("backbone.name", "?"),
             "loss": params.get("loss", "?"),
             "head": _head_label(params),
             "status": run.info.status,

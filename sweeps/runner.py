@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from sweeps.report import is_localisation_score
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, head_label
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
 __all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
@@ -41,11 +42,16 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     from probing.datasets import create_dataset
     from probing.features import cached_features
 
-    dataset = spec.data.dataset
-    for name in spec.backbones:
-        backbone = create_backbone(name, log=log)
-        for split in ("train", "val"):
-            cached_features(backbone, create_dataset(dataset, split), dataset, split, log=log)
+    dataset, dtype = spec.data.dataset, getattr(torch, spec.train.feature_dtype)
+    splits = {name: create_dataset(dataset, name, **spec.data.options()) for name in ("train", "val")}
+    for name, split in splits.items():
+        if split.skipped:
+            log(f"{dataset}/{name}: skipped {split.skipped} unreadable images (skip_corrupt)")
+    for entry in spec.backbones:
+        backbone = create_backbone(entry.name, log=log, **entry.options())
+        for name, split in splits.items():
+            if name == "val" or not spec.train.augment:
+                cached_features(backbone, split, dataset, name, log=log, dtype=dtype)
 
 
 def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
@@ -56,7 +62,7 @@ def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
 
     train = spec.train.model_dump(exclude={"seed"})
     return {
-        "backbone": tune.grid_search(spec.backbones),
+        "backbone": tune.grid_search([b.model_dump(exclude_none=True) for b in spec.backbones]),
         "loss": tune.grid_search(spec.probe.loss),
         "head": tune.grid_search([h.model_dump(exclude_none=True) for h in spec.probe.head]),
         "seed": tune.grid_search(spec.train.seed),
@@ -88,7 +94,8 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k))
             grids = int(result.get("grids/count", 0))
             log(
-                f"[{self.done}/{total}] {trial.trial_id} {trial.config['loss']} {trial.config['head']['type']}: "
+                f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
+                f"{head_label(trial.config['head'])}: "
                 f"val acc {result.get('val/accuracy', float('nan')):.3f}, {grids} grids"
                 + (f", {scores}" if scores else "")
             )

@@ -84,35 +84,102 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MULTILABEL_DATASETS = ("voc2007", "coco2014")  # multi-hot labels with boxes
+
+
 class DataSpec(Strict):
+    """``{dataset: voc2007, root: /data/VOCdevkit, size: 224}``; ``root`` for the data sets on disk."""
+
     dataset: _registered(DATASETS) = "digits"
+    root: str | None = None
+    size: Annotated[int, Field(ge=8)] | None = None  # default: the data set's own (digits 32, VOC 224, COCO 448)
+    skip_corrupt: bool = False  # leave unreadable images out (and report how many) instead of failing
+
+    @model_validator(mode="after")
+    def _root_fits_dataset(self) -> "DataSpec":
+        if self.dataset == "digits":
+            if self.root is not None or self.skip_corrupt:
+                raise ValueError("the embedded digits take no root or skip_corrupt")
+        elif self.root is None:
+            raise ValueError(f"data set {self.dataset!r} needs root: the folder it is in")
+        elif not Path(self.root).expanduser().exists():
+            raise ValueError(f"root not found: {self.root}")
+        return self
+
+    @property
+    def multilabel(self) -> bool:
+        return self.dataset in MULTILABEL_DATASETS
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``probing.datasets.create_dataset``."""
+        return self.model_dump(exclude={"dataset"}, exclude_none=True, exclude_defaults=True)
 
 
 class HeadSpec(Strict):
-    """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``."""
+    """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``, ``{type: bcos, depth: 2, bcos_b: 2.5}``."""
 
     type: _registered(HEADS)
     depth: int | None = None
     width: Annotated[int, Field(ge=1)] | None = None
+    bcos_b: Annotated[float, Field(ge=1)] | None = None
+    max_out: Annotated[int, Field(ge=1)] | None = None
+    input: Literal["spatial", "pooled"] | None = None  # default spatial: pool after the head
 
-    @field_validator("depth", "width")
+    @field_validator("depth", "width", "bcos_b", "max_out")
     @classmethod
-    def _options_fit_type(cls, v: int | None, info: ValidationInfo) -> int | None:
+    def _options_fit_type(cls, v, info: ValidationInfo):
         head_type = info.data.get("type")
-        if v is not None and head_type != "mlp":
-            raise ValueError(f"applies to mlp heads only, not to {head_type!r}")
-        if info.field_name == "depth" and v is not None and v < 2:
-            raise ValueError(f"mlp heads need depth >= 2, got {v}")
+        allowed = {"depth": ("mlp", "bcos"), "width": ("mlp", "bcos"), "bcos_b": ("bcos",), "max_out": ("bcos",)}
+        if v is not None and head_type not in allowed[info.field_name]:
+            raise ValueError(f"applies to {' and '.join(allowed[info.field_name])} heads only, not to {head_type!r}")
+        minimum = {"mlp": 2, "bcos": 1}.get(head_type)
+        if info.field_name == "depth" and v is not None and v < minimum:
+            raise ValueError(f"{head_type} heads need depth >= {minimum}, got {v}")
         return v
 
-    def options(self) -> dict[str, int]:
+    def options(self) -> dict[str, Any]:
         """Keyword arguments for ``probing.heads.create_head``."""
-        return {k: v for k, v in (("depth", self.depth), ("width", self.width)) if v is not None}
+        return head_options(self.model_dump(exclude_none=True))
 
     def label(self) -> str:
-        """Short name for tables: ``linear``, ``mlp-d2-w256``."""
-        parts = [self.type] + [f"{k[0]}{v}" for k, v in self.options().items()]
-        return "-".join(parts)
+        """Short name for tables: ``linear``, ``mlp-d2-w256``, ``bcos-d2-b2.5-pooled``."""
+        return head_label(self.model_dump(exclude_none=True))
+
+
+def head_options(head: dict[str, Any]) -> dict[str, Any]:
+    """A trial's head config -> keyword arguments for ``probing.heads.create_head`` (``bcos_b`` is ``b``)."""
+    return {{"bcos_b": "b"}.get(k, k): v for k, v in head.items() if k != "type"}
+
+
+def head_label(head: dict[str, Any]) -> str:
+    """``{type: mlp, depth: 2, width: 256}`` -> ``mlp-d2-w256`` (tables and progress lines)."""
+    marks = {"depth": "d", "width": "w", "bcos_b": "b", "max_out": "m"}
+    parts = [str(head.get("type", "?"))] + [f"{m}{head[k]}" for k, m in marks.items() if head.get(k) is not None]
+    return "-".join(parts + ([head["input"]] if head.get("input") == "pooled" else []))
+
+
+class BackboneSpec(Strict):
+    """One point on the backbone axis: a registered name, or ``{name, weights, checkpoint_format}``."""
+
+    name: _registered(BACKBONES)
+    weights: str | None = None
+    checkpoint_format: Literal["torchvision", "dino", "mocov2", "byol", "bcos"] | None = None
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> "BackboneSpec":
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise ValueError(f"weights file not found: {self.weights}")
+        if (self.weights or self.checkpoint_format) and BACKBONES.get(self.name).load is None:
+            raise ValueError(f"{self.name!r} is embedded (pre-trained at first use): it takes no weights")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``probing.backbones.create_backbone``."""
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+def _backbone_item(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
 
 
 class ProbeSpec(Strict):
@@ -129,6 +196,9 @@ class TrainSpec(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     seed: _axis(int) = [0]
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum 0.9, x0.1 at 60% and 80%
+    augment: bool = False  # train through the backbone with augmentation each epoch (slow) instead of the cache
+    feature_dtype: Literal["float32", "float16"] = "float32"  # of the feature cache
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -215,7 +285,7 @@ class TrackingSpec(Strict):
 class SweepSpec(Strict):
     name: str
     data: DataSpec = DataSpec()
-    backbones: _axis(_registered(BACKBONES))
+    backbones: _axis(Annotated[BackboneSpec, BeforeValidator(_backbone_item)])
     probe: ProbeSpec = ProbeSpec()
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
@@ -235,9 +305,18 @@ class SweepSpec(Strict):
         """The grid: one dict per trial over backbone x loss x head x seed."""
         axes = itertools.product(self.backbones, self.probe.loss, self.probe.head, self.train.seed)
         return [
-            {"backbone": b, "loss": loss, "head": head.model_dump(exclude_none=True), "seed": seed}
+            {"backbone": b.model_dump(exclude_none=True), "loss": loss, "head": head.model_dump(exclude_none=True), "seed": seed}
             for b, loss, head, seed in axes
         ]
+
+    @model_validator(mode="after")
+    def _losses_fit_labels(self) -> "SweepSpec":
+        multilabel = self.data.multilabel
+        for loss in self.probe.loss:
+            if LOSSES.get(loss).multilabel != multilabel:
+                kind = "multi-label" if multilabel else "single-label"
+                raise ValueError(f"probe.loss: {loss!r} does not fit the {kind} data set {self.data.dataset!r}")
+        return self
 
 
 class SpecError(ValueError):
@@ -271,6 +350,7 @@ def _message(error: dict) -> str:
         return "required"
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
         return f"must be {_BOUNDS[kind]} {bound}, got {value!r}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}, got {value!r}"
@@ -290,7 +370,10 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(source, [f"{_yaml_path(e['loc'])}: {_message(e)}" for e in err.errors()]) from None
+        problems = [f"{_yaml_path(e['loc'])}: {_message(e)}" for e in err.errors()]
+        # checks across sections name their own path: "(top level): probe.loss: ..." -> "probe.loss: ..."
+        problems = [p.removeprefix("(top level): ") if p.count(": ") > 1 else p for p in problems]
+        raise SpecError(source, problems) from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:

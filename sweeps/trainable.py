@@ -26,7 +26,7 @@ from probing.heads import create_head, default_logit_bias
 from probing.losses import create_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
-from sweeps.spec import EvaluateSpec
+from sweeps.spec import EvaluateSpec, head_options
 from sweeps.tracking import TrialRun, flatten
 
 __all__ = ["probe_trial", "RUNTIME_KEY"]
@@ -37,22 +37,35 @@ STATE_FILE = "trainer.pt"
 
 def _trial_inputs(config: dict[str, Any]):
     """Backbone, train/val splits and their cached features, head, loss: all from the config."""
-    dataset = config["data"]["dataset"]
-    backbone = create_backbone(config["backbone"])
-    train, val = create_dataset(dataset, "train"), create_dataset(dataset, "val")
-    features = {name: cached_features(backbone, split, dataset, name) for name, split in (("train", train), ("val", val))}
+    data, train_spec = dict(config["data"]), dict(config["train"])
+    dataset = data.pop("dataset")
+    data_options = {k: v for k, v in data.items() if v is not None and not (k == "skip_corrupt" and not v)}
+    backbone_options = {k: v for k, v in config["backbone"].items() if k != "name"}
+    backbone = create_backbone(config["backbone"]["name"], **backbone_options)
+    train, val = (create_dataset(dataset, split, **data_options) for split in ("train", "val"))
+    dtype = getattr(torch, train_spec.pop("feature_dtype"))
+    augment = train_spec.pop("augment")
+    val_features = cached_features(backbone, val, dataset, "val", dtype=dtype)
+    if augment:  # the faithful, slow path: augmented images through the frozen backbone every epoch
+        train_inputs = train.augmented
+
+        def embed(images):
+            with torch.no_grad():
+                return backbone(backbone.preprocess(images))
+    else:
+        train_inputs, embed = cached_features(backbone, train, dataset, "train", dtype=dtype), None
     loss = create_loss(config["loss"])
-    bias = config["logit_bias"]
-    bias = default_logit_bias(config["loss"], train.num_classes) if bias == "auto" else float(bias)
-    head_options = {k: v for k, v in config["head"].items() if k != "type"}
+    head_type, bias = config["head"]["type"], config["logit_bias"]
+    bias = default_logit_bias(config["loss"], train.num_classes, head_type) if bias == "auto" else float(bias)
     torch.manual_seed(config["seed"])  # the head's initial weights
-    head = create_head(config["head"]["type"], backbone.out_channels, train.num_classes, logit_bias=bias, **head_options)
+    head = create_head(head_type, backbone.out_channels, train.num_classes, logit_bias=bias, **head_options(config["head"]))
     trainer = ProbeTrainer(
         head,
         loss,
-        (features["train"], train.labels),
-        (features["val"], val.labels),
-        TrainConfig(seed=config["seed"], **config["train"]),
+        (train_inputs, train.labels),
+        (val_features, val.labels),
+        TrainConfig(seed=config["seed"], **train_spec),
+        embed=embed,
     )
     return backbone, val, loss, trainer
 

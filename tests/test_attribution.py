@@ -13,7 +13,7 @@ from captum.attr import (
 from torch import nn
 
 from evaluation.attribution import create_method
-from probing.backbones import tiny_resnet
+from probing.embedded_backbones import tiny_resnet
 from probing.heads import create_head
 from probing.model import ProbedModel
 

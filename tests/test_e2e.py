@@ -76,7 +76,7 @@ def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
     assert sorted(c.data.params["loss"] for c in children) == ["bce", "ce"]
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.params["head.type"] == "linear" and child.data.params["backbone"] == "tiny_resnet_sup"
+        assert child.data.params["head.type"] == "linear" and child.data.params["backbone.name"] == "tiny_resnet_sup"
         assert child.data.tags["node_ip"] and child.data.tags["hostname"]
         metrics = child.data.metrics
         assert FINAL_METRICS <= metrics.keys(), sorted(metrics)

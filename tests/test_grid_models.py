@@ -7,7 +7,8 @@ from evaluation.attribution import create_method
 from evaluation.grid_models import DiFullModel, DiPartModel, crop_cells, join_cells, split_cells
 from evaluation.gridpg import evaluate_gridpg
 from evaluation.localization import grid_pointing_game
-from probing.backbones import create_backbone, tiny_resnet
+from probing.backbones import create_backbone
+from probing.embedded_backbones import tiny_resnet
 from probing.datasets import create_dataset
 from probing.features import cached_features
 from probing.heads import create_head
@@ -100,7 +101,7 @@ def trained_probe():
 def test_evaluation_on_all_three_settings(trained_probe):
     model, val = trained_probe
     metrics = evaluate_gridpg(
-        model, val.images, val.labels, torch.nn.functional.softmax, methods=["ixg", "gradcam"],
+        model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=["ixg", "gradcam"],
         layers=["input", "final"], n_grids=4, confidence=0.5, settings=("gridpg", "difull", "dipart"),
     )
     assert metrics["grids/count"] == 4

@@ -50,5 +50,5 @@ def test_bce_logit_bias_makes_initial_outputs_one_over_c():
 
 
 def test_unknown_loss_suggests_the_closest():
-    with pytest.raises(ValueError, match="unknown loss 'bec': known are bce, ce; did you mean 'bce'"):
+    with pytest.raises(ValueError, match="unknown loss 'bec': known are bce, bce_multilabel, ce; did you mean 'bce'"):
         create_loss("bec")

@@ -26,7 +26,7 @@ def test_demo_spec_expands_to_its_grid():
 
 def test_single_values_are_one_value_axes():
     spec = parse_spec({"name": "x", "backbones": "tiny_resnet_sup", "probe": {"loss": "bce", "head": {"type": "linear"}}})
-    assert spec.backbones == ["tiny_resnet_sup"] and spec.probe.loss == ["bce"] and len(spec.trials()) == 1
+    assert [b.name for b in spec.backbones] == ["tiny_resnet_sup"] and spec.probe.loss == ["bce"] and len(spec.trials()) == 1
 
 
 def _with(path: str, value):
@@ -46,22 +46,53 @@ def _with(path: str, value):
 BAD_SPECS = [
     ("name", "my sweep", "name: 'my sweep' is not a sweep name: use up to 64 letters, digits, '_', '.', '-'"),
     ("backbones", None, "backbones: required"),
-    ("backbones", ["resnet50"], "backbones[0]: unknown backbone 'resnet50': known are tiny_resnet_sup"),
-    ("data.dataset", "imagenet", "data.dataset: unknown dataset 'imagenet': known are digits"),
-    ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, ce"),
+    (
+        "backbones",
+        ["resnet5"],
+        "backbones[0].name: unknown backbone 'resnet5': known are bcos_resnet50, resnet18, resnet50, resnet50_byol, "
+        "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16; "
+        "did you mean 'resnet50'?",
+    ),
+    ("backbones", [{"name": "resnet50", "weights": "/no/such.pth"}], "backbones[0]: weights file not found: /no/such.pth"),
+    (
+        "backbones",
+        [{"name": "tiny_resnet_sup", "checkpoint_format": "dino"}],
+        "backbones[0]: 'tiny_resnet_sup' is embedded (pre-trained at first use): it takes no weights",
+    ),
+    (
+        "backbones",
+        [{"name": "resnet50", "checkpoint_format": "simclr"}],
+        "backbones[0].checkpoint_format: must be one of 'torchvision', 'dino', 'mocov2', 'byol' or 'bcos', got 'simclr'",
+    ),
+    (
+        "data.dataset",
+        "imagenet",
+        "data.dataset: unknown dataset 'imagenet': known are coco2014, digits, imagefolder, voc2007; "
+        "did you mean 'imagefolder'?",
+    ),
+    ("data", {"dataset": "voc2007"}, "data: data set 'voc2007' needs root: the folder it is in"),
+    ("data", {"dataset": "voc2007", "root": "/no/voc"}, "data: root not found: /no/voc"),
+    ("data", {"dataset": "digits", "skip_corrupt": True}, "data: the embedded digits take no root or skip_corrupt"),
+    ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, ce"),
+    ("probe.loss", ["bce_multilabel"], "probe.loss: 'bce_multilabel' does not fit the single-label data set 'digits'"),
     ("probe.loss", ["ce", "ce"], "probe.loss: values repeat: ['ce', 'ce']"),
     ("probe.loss", [], "probe.loss: must not be empty"),
     (
         "probe.head",
         [{"type": "linear"}, {"type": "lin"}],
-        "probe.head[1].type: unknown head 'lin': known are linear, mlp; did you mean 'linear'?",
+        "probe.head[1].type: unknown head 'lin': known are bcos, linear, mlp; did you mean 'linear'?",
     ),
+    ("probe.head", [{"type": "bcos", "depth": 0}], "probe.head[0].depth: bcos heads need depth >= 1, got 0"),
+    ("probe.head", [{"type": "bcos", "bcos_b": 0.5}], "probe.head[0].bcos_b: must be >= 1, got 0.5"),
+    ("probe.head", [{"type": "mlp", "bcos_b": 2}], "probe.head[0].bcos_b: applies to bcos heads only, not to 'mlp'"),
+    ("probe.head", [{"type": "linear", "input": "flat"}], "probe.head[0].input: must be one of 'spatial' or 'pooled', got 'flat'"),
+    ("train.optimizer", "lamb", "train.optimizer: must be one of 'adam' or 'sgd', got 'lamb'"),
     ("probe.head", [{"type": "mlp", "depth": 1}], "probe.head[0].depth: mlp heads need depth >= 2, got 1"),
-    ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to mlp heads only, not to 'linear'"),
+    ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to mlp and bcos heads only, not to 'linear'"),
     ("probe.head", [{"type": "mlp", "width": 0}], "probe.head[0].width: must be >= 1, got 0"),
     ("probe.head", [{"type": "mlp", "dept": 2}], "probe.head[0].dept: unknown key"),
     ("probe.logit_bias", "big", "probe.logit_bias: must be 'auto' or a number, got 'big'"),
-    ("train.lr", -1, "train.lr: must be > 0.0, got -1"),
+    ("train.lr", -1, "train.lr: must be > 0, got -1"),
     ("train.epochs", "ten", "train.epochs: must be an integer, got 'ten'"),
     ("train.epoch", 3, "train.epoch: unknown key"),
     ("train.warmup_epochs", 10, "train.warmup_epochs: must be < epochs (10), got 10"),
@@ -73,7 +104,7 @@ BAD_SPECS = [
         "evaluate.methods[1]: unknown attribution method 'lime': known are gbp, gradcam, intgrad, ixg",
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
-    ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1.0, got 1.5"),
+    ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
     ("evaluate.metrics", ["epg"], "evaluate.metrics[0]: must be one of 'gridpg', 'difull' or 'dipart', got 'epg'"),
     ("evaluate.smoothing", "ref", "evaluate.smoothing: must be one of 'none' or 'reference', got 'ref'"),
     (
@@ -83,7 +114,7 @@ BAD_SPECS = [
     ),
     ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
     ("search.algorithm", "optuna", "search.algorithm: must be one of 'grid', got 'optuna'"),
-    ("resources.gpu", -1, "resources.gpu: must be >= 0.0, got -1"),
+    ("resources.gpu", -1, "resources.gpu: must be >= 0, got -1"),
 ]
 
 
@@ -123,7 +154,7 @@ def test_every_problem_is_reported_at_once():
     assert err.value.problems == [
         "backbones: required",
         "probe.head[0].depth: mlp heads need depth >= 2, got 0",
-        "train.lr: must be > 0.0, got 0",
+        "train.lr: must be > 0, got 0",
     ]
     assert str(err.value).startswith("three.yaml: 3 problem(s)\n")
 
@@ -152,12 +183,12 @@ def test_cli_validate_reports_trials_or_problems(tmp_path):
     bad.write_text(yaml.safe_dump(_with("probe.loss", ["ce", "focal"])))
     result = _cli("validate", str(bad), cwd=tmp_path)
     assert result.returncode == 2
-    assert "probe.loss[1]: unknown loss 'focal': known are bce, ce" in result.stderr
+    assert "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, ce" in result.stderr
 
 
 def test_cli_run_with_a_bad_spec_starts_nothing(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_with("train.lr", 0)))
     result = _cli("run", str(bad), cwd=tmp_path)
-    assert result.returncode == 2 and "train.lr: must be > 0.0, got 0" in result.stderr
+    assert result.returncode == 2 and "train.lr: must be > 0, got 0" in result.stderr
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["bad.yaml"]  # no mlflow.db, no ray_results

@@ -1,11 +1,13 @@
 """Probe training: reproducible, resumable mid-way, and loud when it diverges."""
 
+import math
+
 import pytest
 import torch
 
 from probing.heads import create_head
 from probing.losses import create_loss
-from probing.train import DivergedError, ProbeTrainer, TrainConfig
+from probing.train import DivergedError, ProbeTrainer, TrainConfig, correct_predictions
 
 
 def _data(seed=0):
@@ -60,3 +62,64 @@ def test_nan_loss_raises_diverged():
     trainer.train_features[0, 0, 0, 0] = float("nan")
     with pytest.raises(DivergedError, match="diverged: ce loss is nan in epoch 1"):
         trainer.run_epoch()
+
+
+def _lr_per_epoch(trainer) -> list[float]:
+    rates = []
+    for _ in range(trainer.config.epochs):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.run_epoch()
+    return rates
+
+
+def test_sgd_steps_down_tenfold_at_60_and_80_percent():
+    torch.manual_seed(0)
+    f_train, y_train, f_val, y_val = _data()
+    trainer = ProbeTrainer(
+        create_head("linear", 8, 4), create_loss("ce"), (f_train, y_train), (f_val, y_val),
+        TrainConfig(epochs=10, batch_size=16, lr=0.5, optimizer="sgd"),
+    )  # fmt: skip
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.param_groups[0]["momentum"] == 0.9
+    assert _lr_per_epoch(trainer) == pytest.approx([0.5] * 6 + [0.05] * 2 + [0.005] * 2)
+
+
+def test_adam_warms_up_linearly_then_decays_by_cosine():
+    trainer = _trainer(lr=1.0, epochs=5)  # 4 steps per epoch, 1 warm-up epoch
+    rates = _lr_per_epoch(trainer)
+    assert rates[0] == pytest.approx(0.01) and rates[1] == pytest.approx(1.0)
+    assert rates[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 16)))
+
+
+def test_multilabel_training_counts_a_hit_when_the_top_class_is_a_positive():
+    torch.manual_seed(0)
+    features = torch.randn(32, 8, 2, 2)
+    labels = torch.zeros(32, 4)
+    labels[:, 0] = 1.0
+    labels[::2, 3] = 1.0
+    trainer = ProbeTrainer(
+        create_head("linear", 8, 4), create_loss("bce_multilabel"), (features, labels), (features, labels),
+        TrainConfig(epochs=20, batch_size=8, lr=5e-2),
+    )  # fmt: skip
+    for _ in range(20):
+        metrics = trainer.run_epoch()
+    assert metrics["val/accuracy"] == 1.0  # class 0 is in every image
+    wrong = torch.zeros_like(labels)
+    wrong[:, 1] = 1.0
+    assert correct_predictions(trainer.head(features), wrong).sum() == 0
+
+
+def test_augment_path_embeds_every_batch_through_the_given_function():
+    f_train, y_train, f_val, y_val = _data()
+    calls = []
+
+    def embed(batch):
+        calls.append(len(batch))
+        return batch * 1.0
+
+    torch.manual_seed(0)
+    trainer = ProbeTrainer(
+        create_head("linear", 8, 4), create_loss("ce"), (f_train, y_train), (f_val, y_val),
+        TrainConfig(epochs=2, batch_size=16), embed=embed,
+    )  # fmt: skip
+    trainer.run_epoch()
+    assert calls == [16, 16, 16, 16]

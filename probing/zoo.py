@@ -1,0 +1,187 @@
+"""Backbones with published weights: torchvision ResNet-18/50, VGG-11/16, ViT-B/16, and B-cos ResNet-50.
+
+Nothing is downloaded. Weights come from ``weights: PATH`` or, for torchvision's own files, from
+the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file name of torchvision's URL>``). The
+``checkpoint_format`` option (or a name such as ``resnet50_dino``) says how the file is laid out:
+
+- ``torchvision``: a plain state dict (torchvision's files; DINO's ``dino_resnet50_pretrain.pth``).
+- ``dino``: also DINO's full training checkpoints (``teacher`` weights, ``module.backbone.`` prefix).
+- ``mocov2``: MoCo v2's ``{"state_dict": {"module.encoder_q.<key>": ...}}``.
+- ``byol``: BYOL ports to PyTorch that wrap the ResNet as ``online_backbone.``, ``backbone.`` or
+  ``encoder.`` (optionally under ``module.`` and a ``state_dict`` entry).
+- ``bcos``: the ``bcos`` package's ResNet-50 state dict.
+
+Loading is strict: every weight of the backbone must be in the file and nothing but the
+classifier may be left over; a mismatch lists the missing and unexpected keys. Files load with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
+
+__all__ = ["CHECKPOINT_FORMATS", "load_checkpoint", "remap_checkpoint"]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CHECKPOINT_FORMATS = ("torchvision", "dino", "mocov2", "byol", "bcos")
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "heads.")  # never part of a backbone
+BYOL_PREFIXES = ("online_backbone.", "backbone.", "encoder.", "online_network.encoder.", "net.")
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _unwrap(obj, *keys: str) -> dict:
+    for key in keys:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def remap_checkpoint(obj: dict, checkpoint_format: str) -> dict:
+    """A loaded checkpoint in ``checkpoint_format`` -> a torchvision-style state dict."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}: known are {', '.join(CHECKPOINT_FORMATS)}")
+    if checkpoint_format == "mocov2":
+        state = _strip(_unwrap(obj, "state_dict"), "module.encoder_q.")
+        if not state:
+            raise KeyError("no 'module.encoder_q.' weights: not a MoCo v2 checkpoint")
+        return state
+    state = _unwrap(obj, "teacher", "state_dict", "model") if checkpoint_format == "dino" else _unwrap(obj, "state_dict", "model")
+    state = _strip(state, "module.") or state
+    if checkpoint_format == "dino":
+        state = _strip(state, "backbone.") or state
+    if checkpoint_format == "byol":
+        prefix = next((p for p in BYOL_PREFIXES if any(k.startswith(p) for k in state)), "")
+        state = _strip(state, prefix)
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> None:
+    """Load ``path`` into ``model`` strictly (classifier weights aside); raises naming the keys that differ."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot load checkpoint {path}: {err}") from err
+    state = {k: v for k, v in remap_checkpoint(obj, checkpoint_format).items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    expected = {k for k in model.state_dict() if not k.startswith(CLASSIFIER_PREFIXES)}
+    missing = sorted(k for k in expected - state.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        def listing(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
+
+        raise ValueError(
+            f"checkpoint {path} ({checkpoint_format} format) does not fit the backbone: "
+            f"missing keys: {listing(missing)}; unexpected keys: {listing(unexpected)}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _weights_file(name: str, weights: str | None, default_url: str | None) -> Path:
+    if weights is not None:
+        return Path(weights).expanduser()
+    if default_url is None:
+        raise FileNotFoundError(f"backbone {name!r} needs its weights file: set weights: PATH")
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / default_url.rsplit("/", 1)[-1]
+    if not hub_file.is_file():
+        raise FileNotFoundError(
+            f"no weights for backbone {name!r}: set weights: PATH, or put {hub_file.name} in {hub_file.parent}"
+        )
+    return hub_file
+
+
+class ViTEmbed(nn.Module):
+    """Patch projection, class token and position embedding: images -> tokens (B, 1 + N, D)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit._process_input(x)
+        cls = self.vit.class_token.expand(len(tokens), -1, -1)
+        return self.vit.encoder.dropout(torch.cat([cls, tokens], dim=1) + self.vit.encoder.pos_embedding)
+
+
+class ViTPatchMap(nn.Module):
+    """Final LayerNorm, then the patch tokens as a spatial map (B, D, h, w); the class token is dropped."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = self.norm(tokens)[:, 1:]
+        side = int(len(patches[0]) ** 0.5)
+        return patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+
+
+def _staged(arch: str, model: nn.Module) -> StagedBackbone:
+    """The torchvision or B-cos ``model`` as stages with its ML-Att layers (REFERENCE section 4)."""
+    if arch.startswith("vgg"):
+        convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        middle = convs[4] + 2  # after conv5 and its ReLU
+        f = model.features
+        stages = nn.Sequential(f[:middle], f[middle : pools[-1]], f[pools[-1] :])
+        config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": 1, "final": 2})
+        return StagedBackbone(stages, config, out_channels=512)
+    if arch.startswith("vit"):
+        stages = nn.Sequential(ViTEmbed(model), *model.encoder.layers, ViTPatchMap(model.encoder.ln))
+        # tokens between blocks are not a spatial map with the class token in them: no middle layer
+        config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "final": len(stages)})
+        return StagedBackbone(stages, config, out_channels=model.hidden_dim)
+    if arch.startswith("bcos"):
+        stem = nn.Sequential(model.conv1, model.bn1, *([model.pool] if model.pool is not None else []))
+        config = BackboneConfig((0.0,) * 6, (1.0,) * 6, {"input": 0, "middle": 3, "final": 5}, bcos_input=True)
+        out = model.num_features
+    else:
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": 3, "final": 5})
+        out = model.fc.in_features
+    return StagedBackbone(nn.Sequential(stem, model.layer1, model.layer2, model.layer3, model.layer4), config, out)
+
+
+def _register(name: str, arch: str, make, default_url: str | None, checkpoint_format: str, description: str) -> None:
+    def build() -> StagedBackbone:
+        return _staged(arch, make())
+
+    def load(backbone: StagedBackbone, weights: str | None = None, checkpoint_format: str = checkpoint_format) -> str:
+        path = _weights_file(name, weights, default_url if checkpoint_format == "torchvision" else None)
+        model = make()
+        load_checkpoint(model, path, checkpoint_format)  # checked against the original key names
+        backbone.load_state_dict(_staged(arch, model).state_dict(), strict=True)
+        return file_digest(path)
+
+    layers = ("input", "final") if arch.startswith("vit") else ("input", "middle", "final")
+    BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description, layers=layers))
+
+
+def _bcos_resnet50() -> nn.Module:
+    from bcos.models.pretrained import resnet50
+
+    return resnet50(pretrained=False)  # the architecture of the package's published checkpoint
+
+
+_TV = torchvision.models
+for _name, _make, _weights in (
+    ("resnet18", _TV.resnet18, _TV.ResNet18_Weights),
+    ("resnet50", _TV.resnet50, _TV.ResNet50_Weights),
+    ("vgg11", _TV.vgg11, _TV.VGG11_Weights),
+    ("vgg16", _TV.vgg16, _TV.VGG16_Weights),
+    ("vit_b_16", _TV.vit_b_16, _TV.ViT_B_16_Weights),
+):
+    _register(_name, _name, _make, _weights.DEFAULT.url, "torchvision", f"torchvision {_name}, supervised ImageNet weights")
+for _scheme in ("dino", "mocov2", "byol"):
+    _register(f"resnet50_{_scheme}", "resnet50", _TV.resnet50, None, _scheme, f"ResNet-50, self-supervised {_scheme} checkpoint")
+_register("bcos_resnet50", "bcos_resnet50", _bcos_resnet50, None, "bcos", "B-cos ResNet-50 (bcos package checkpoint)")
