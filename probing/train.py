@@ -108,7 +108,7 @@ class ProbeTrainer:
             features = self.train_features[idx]
             if self.embed is not None:
                 features = self.embed(features)
-            features = features.to(self.device)
+            features = features.to(self.device, torch.float32)  # a float16 cache trains in float32
             labels = self.train_labels[idx].to(self.device)
             logits = self.head(features)
             loss = self.loss(logits, labels)
@@ -131,7 +131,7 @@ class ProbeTrainer:
     def validate(self) -> dict[str, float]:
         self.head.eval()
         logits = torch.cat(
-            [self.head(self.val_features[i : i + 1024].to(self.device)) for i in range(0, len(self.val_labels), 1024)]
+            [self.head(self.val_features[i : i + 1024].to(self.device, torch.float32)) for i in range(0, len(self.val_labels), 1024)]
         )
         labels = self.val_labels.to(self.device)
         return {

@@ -26,7 +26,7 @@ from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
 
-__all__ = ["CHECKPOINT_FORMATS", "load_checkpoint", "remap_checkpoint"]
+__all__ = ["CHECKPOINT_FORMATS", "load_checkpoint", "remap_checkpoint", "staged_backbone"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECKPOINT_FORMATS = ("torchvision", "dino", "mocov2", "byol", "bcos")
@@ -126,7 +126,7 @@ class ViTPatchMap(nn.Module):
         return patches.transpose(1, 2).reshape(len(patches), -1, side, side)
 
 
-def _staged(arch: str, model: nn.Module) -> StagedBackbone:
+def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
     """The torchvision or B-cos ``model`` as stages with its ML-Att layers (REFERENCE section 4)."""
     if arch.startswith("vgg"):
         convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
@@ -154,13 +154,13 @@ def _staged(arch: str, model: nn.Module) -> StagedBackbone:
 
 def _register(name: str, arch: str, make, default_url: str | None, checkpoint_format: str, description: str) -> None:
     def build() -> StagedBackbone:
-        return _staged(arch, make())
+        return staged_backbone(arch, make())
 
     def load(backbone: StagedBackbone, weights: str | None = None, checkpoint_format: str = checkpoint_format) -> str:
         path = _weights_file(name, weights, default_url if checkpoint_format == "torchvision" else None)
         model = make()
         load_checkpoint(model, path, checkpoint_format)  # checked against the original key names
-        backbone.load_state_dict(_staged(arch, model).state_dict(), strict=True)
+        backbone.load_state_dict(staged_backbone(arch, model).state_dict(), strict=True)
         return file_digest(path)
 
     layers = ("input", "final") if arch.startswith("vit") else ("input", "middle", "final")
