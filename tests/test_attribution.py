@@ -9,6 +9,7 @@ from captum.attr import (
     LayerAttribution,
     LayerGradCam,
     LayerGradientXActivation,
+    Occlusion,
 )
 from torch import nn
 
@@ -149,7 +150,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are gbp, gradcam, intgrad, ixg; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, gradcam, intgrad, ixg, lrp, occlusion; did you mean 'ixg'"):
         create_method("ixgg")
 
 
@@ -157,3 +158,82 @@ def test_targets_must_match_batch(model, inputs):
     images, _ = inputs
     with pytest.raises(ValueError, match="targets must be an int64 tensor of shape \\(5,\\)"):
         create_method("ixg")(model, images, torch.tensor([0, 1]), layer="input")
+
+
+@pytest.mark.parametrize("layer, window, stride", [("input", 8, 4), ("middle", 4, 2), ("final", 3, 1)])
+def test_occlusion_equals_captum(model, inputs, layer, window, stride):
+    images, targets = inputs
+    x = model.preprocess(images)
+    # a small internal batch: the windows run in several chunks
+    ours = create_method("occlusion")(model, x, targets, layer=layer, window=window, stride=stride, internal_batch_size=7)
+    activation = model.forward_to(x, layer)
+    captum = Occlusion(FromLayer(model, layer))
+    channels = activation.shape[1]
+    expected = _per_image(
+        lambda ai, t: _upsampled(
+            captum.attribute(ai, target=t, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride))
+            / channels,  # captum gives every channel the window's drop; we keep one value per position
+            (32, 32),
+        ),
+        activation,
+        targets,
+    )
+    # captum accumulates occlusion in float32 even for a float64 model
+    torch.testing.assert_close(ours, expected.double(), rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_bcos_explanation_sums_to_the_logit_and_is_ixg_without_bcos_modules(model, inputs):
+    from probing.embedded_backbones import tiny_bcos_resnet
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    torch.testing.assert_close(create_method("bcos")(model, x, targets), create_method("ixg")(model, x, targets))
+    torch.manual_seed(0)
+    backbone = tiny_bcos_resnet()
+    bcos_model = ProbedModel(backbone, create_head("bcos", 64, 10, depth=2, width=16, logit_bias=-1.0)).double().eval()
+    x = bcos_model.preprocess(images)
+    logits = bcos_model(x)[torch.arange(5), targets]
+    for layer in ("input", "middle", "final"):
+        maps = create_method("bcos")(bcos_model, x, targets, layer=layer)
+        if layer == "input":  # no upsampling there: the map sums exactly to the logit minus its bias
+            torch.testing.assert_close(maps.sum(dim=(1, 2)), logits + 1.0, rtol=1e-7, atol=1e-9)
+        assert maps.shape == (5, 32, 32)
+    assert not any(getattr(m, "detach", False) for m in bcos_model.modules())  # explanation mode left
+
+
+@pytest.mark.parametrize("layer", ["input", "middle", "final"])
+def test_lrp_equals_zennit_per_image(model, inputs, layer):
+    from zennit.attribution import Gradient
+
+    from evaluation.attribution.lrp import lrp_composite
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method("lrp")(model, x, targets, layer=layer)
+    activation = model.forward_to(x, layer)
+
+    def zennit_plain(ai, t):
+        bounds = (model.preprocess(torch.zeros_like(images[:1])), model.preprocess(torch.ones_like(images[:1])))
+        composite = lrp_composite(*bounds) if layer == "input" else lrp_composite()
+        with Gradient(FromLayer(model, layer), composite) as attributor:
+            _, relevance = attributor(ai.clone().requires_grad_(True), torch.eye(10, dtype=ai.dtype)[[t]])
+        return _upsampled(relevance, (32, 32))
+
+    expected = _per_image(zennit_plain, activation, targets)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-10)
+    # the rules did something: LRP is not Input x Gradient here, and relevance is conserved roughly
+    assert not torch.allclose(ours, create_method("ixg")(model, x, targets, layer=layer), rtol=1e-2)
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # hooks removed afterwards
+
+
+def test_lrp_canonizes_the_residual_sums_of_the_embedded_resnet(model, inputs):
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    bounds = (model.preprocess(torch.zeros_like(images)), model.preprocess(torch.ones_like(images)))
+    with Gradient(model, EpsilonGammaBox(*bounds)) as attributor:  # no canonizers: plain gradient through "+"
+        _, uncanonized = attributor(x.clone().requires_grad_(True), torch.eye(10, dtype=x.dtype)[targets])
+    ours = create_method("lrp")(model, x, targets, layer="input")
+    assert not torch.allclose(ours, uncanonized.sum(dim=1), rtol=1e-2)

@@ -6,16 +6,22 @@ explains ``targets[i]`` for ``images[i]``.
 
 from __future__ import annotations
 
+from evaluation.attribution.bcos import bcos_explanation
 from evaluation.attribution.common import AttributionMethod
 from evaluation.attribution.grad_cam import grad_cam
 from evaluation.attribution.guided_backprop import guided_backprop
 from evaluation.attribution.intgrad import integrated_gradients
 from evaluation.attribution.ixg import input_x_gradient
+from evaluation.attribution.lrp import lrp
+from evaluation.attribution.occlusion import occlusion
 from probing.registry import Registry
 
 __all__ = [
     "METHODS",
     "AttributionMethod",
+    "bcos_explanation",
+    "occlusion",
+    "lrp",
     "create_method",
     "list_methods",
     "grad_cam",
@@ -32,6 +38,9 @@ for _method in (
     AttributionMethod("intgrad", integrated_gradients, ALL_LAYERS, "Integrated Gradients (zero baseline, 50 steps)"),
     AttributionMethod("gbp", guided_backprop, ALL_LAYERS, "Guided Backprop"),
     AttributionMethod("gradcam", grad_cam, ("middle", "final"), "Grad-CAM (no final ReLU; relu=True adds it)"),
+    AttributionMethod("bcos", bcos_explanation, ALL_LAYERS, "B-cos explanation (dynamic linear contributions)"),
+    AttributionMethod("lrp", lrp, ALL_LAYERS, "LRP, zennit EpsilonGammaBox with canonizers"),
+    AttributionMethod("occlusion", occlusion, ALL_LAYERS, "Occlusion (zero patches, a quarter of the side)"),
 ):
     METHODS.register(_method.name)(_method)
 
