@@ -60,6 +60,10 @@ class _GridModel(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.preprocess(images)
 
+    def rows(self, index) -> "_GridModel":
+        """The same model for the rows ``index`` only (perturbation methods run one row's samples)."""
+        return type(self)(self.model, self.grid, self.cells[torch.as_tensor(index).long()])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.forward_to(x, "input"), "input")
 

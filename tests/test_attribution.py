@@ -150,7 +150,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, gradcam, intgrad, ixg, lrp, occlusion; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, gradcam, intgrad, ixg, lime, lrp, occlusion, scorecam; did you mean 'ixg'"):
         create_method("ixgg")
 
 
@@ -237,3 +237,59 @@ def test_lrp_canonizes_the_residual_sums_of_the_embedded_resnet(model, inputs):
         _, uncanonized = attributor(x.clone().requires_grad_(True), torch.eye(10, dtype=x.dtype)[targets])
     ours = create_method("lrp")(model, x, targets, layer="input")
     assert not torch.allclose(ours, uncanonized.sum(dim=1), rtol=1e-2)
+
+
+@pytest.mark.parametrize("layer", ["middle", "final"])
+def test_score_cam_equals_the_grad_cam_package(model, inputs, layer):
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method("scorecam")(model, x, targets, layer=layer, internal_batch_size=40)  # 1-2 rows per pass
+    cam = ScoreCAM(model, target_layers=[model.backbone.stages[LAYER_MODULE[layer]]])
+    activation = model.forward_to(x, layer)
+
+    def package(xi, t):
+        a = activation[[int((x == xi).all(dim=(1, 2, 3)).nonzero()[0])]]
+        weights = cam.get_cam_weights(xi, None, [ClassifierOutputSoftmaxTarget(t)], a.numpy(), None)
+        return _upsampled((torch.from_numpy(weights).double()[:, :, None, None] * a), (32, 32))
+
+    expected = _per_image(package, x, targets)
+    # the package keeps the scores in float32
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_lime(model, inputs):
+    import numpy as np
+    from lime.lime_image import LimeImageExplainer
+
+    from evaluation.attribution.lime import _as_rgb, _segmenter
+
+    images, _ = inputs
+    # quadrants of distinct colours under the noise, so that quickshift finds several superpixels
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.2, 0.9], [0.9, 0.9, 0.1]], dtype=images.dtype)
+    blocks = colours.T.reshape(3, 2, 2).repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)
+    structured = (0.8 * blocks + 0.2 * images[:2]).clamp(0, 1)
+    x = model.preprocess(structured).repeat_interleave(2, dim=0)  # two images, two targets each
+    targets = torch.tensor([1, 7, 0, 3])
+    ours = create_method("lime")(model, x, targets, layer="input", num_samples=60, batch_size=25)
+
+    def plain(xi, t):
+        picture = xi[0].permute(1, 2, 0).numpy()
+
+        def classify(batch):
+            with torch.no_grad():
+                return model(torch.from_numpy(batch).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
+
+        explanation = LimeImageExplainer(random_state=0).explain_instance(
+            picture, classify, labels=[t], top_labels=None, hide_color=0, num_samples=60, batch_size=25,
+            segmentation_fn=lambda _: _segmenter()(_as_rgb(xi[0])), random_seed=0,
+        )  # fmt: skip
+        segments = _segmenter()(_as_rgb(xi[0]))
+        weights = dict(explanation.local_exp[t])
+        return torch.from_numpy(np.vectorize(lambda s: weights.get(s, 0.0))(segments))[None]
+
+    expected = _per_image(plain, x, targets)
+    assert len(torch.unique(ours[0])) > 2  # several superpixels with their own weights
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-8)

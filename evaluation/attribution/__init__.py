@@ -12,8 +12,10 @@ from evaluation.attribution.grad_cam import grad_cam
 from evaluation.attribution.guided_backprop import guided_backprop
 from evaluation.attribution.intgrad import integrated_gradients
 from evaluation.attribution.ixg import input_x_gradient
+from evaluation.attribution.lime import lime
 from evaluation.attribution.lrp import lrp
 from evaluation.attribution.occlusion import occlusion
+from evaluation.attribution.score_cam import score_cam
 from probing.registry import Registry
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "bcos_explanation",
     "occlusion",
     "lrp",
+    "lime",
+    "score_cam",
     "create_method",
     "list_methods",
     "grad_cam",
@@ -40,6 +44,8 @@ for _method in (
     AttributionMethod("gradcam", grad_cam, ("middle", "final"), "Grad-CAM (no final ReLU; relu=True adds it)"),
     AttributionMethod("bcos", bcos_explanation, ALL_LAYERS, "B-cos explanation (dynamic linear contributions)"),
     AttributionMethod("lrp", lrp, ALL_LAYERS, "LRP, zennit EpsilonGammaBox with canonizers"),
+    AttributionMethod("lime", lime, ("input",), "LIME (quickshift superpixels, 500 samples)", uses_probabilities=True),
+    AttributionMethod("scorecam", score_cam, ("middle", "final"), "Score-CAM", uses_probabilities=True),
     AttributionMethod("occlusion", occlusion, ALL_LAYERS, "Occlusion (zero patches, a quarter of the side)"),
 ):
     METHODS.register(_method.name)(_method)

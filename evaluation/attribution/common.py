@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttributionMethod", "LayeredModel", "select_targets", "target_gradients", "to_image_size"]
+__all__ = ["AttributionMethod", "LayeredModel", "model_rows", "select_targets", "target_gradients", "to_image_size"]
 
 
 class LayeredModel(Protocol):
@@ -25,17 +25,26 @@ class AttributionMethod:
 
     Attributes:
         layers: the ML-Att layers at which the method is defined.
+        uses_probabilities: ``fn`` takes ``probabilities`` (logits -> probabilities: sigmoid for
+            BCE probes, softmax for CE probes; REFERENCE section 4).
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     layers: tuple[str, ...]
     description: str = ""
+    uses_probabilities: bool = False
 
     def __call__(self, model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", **opts):
         if layer not in self.layers:
             raise ValueError(f"method {self.name!r} is not defined at layer {layer!r}: use one of {', '.join(self.layers)}")
         return self.fn(model, images, targets, layer=layer, **opts)
+
+
+def model_rows(model, index):
+    """``model`` restricted to the rows ``index`` of the batch it explains (grid models tie each
+    row to a cell); a plain model serves every row as it is."""
+    return model.rows(index) if hasattr(model, "rows") else model
 
 
 def select_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
