@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from evaluation.attribution import create_method
+from evaluation.attribution.common import model_rows
 from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
@@ -83,21 +84,30 @@ def evaluate_gridpg(
         return metrics
     device = next(model.parameters()).device
     cells = grid * grid
-    keys = [(setting, method, layer) for setting in settings for method, layer in method_layer_pairs(methods, layers)]
+    pairs = method_layer_pairs(methods, layers)
+    keys = [(setting, method, layer) for setting in settings for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
     for start in range(0, len(grids), grids_per_batch):
-        batch = grids.images[start : start + grids_per_batch]
-        inputs = model.preprocess(batch.to(device)).repeat_interleave(cells, dim=0)  # one row per target
+        grid_inputs = model.preprocess(grids.images[start : start + grids_per_batch].to(device))
+        inputs = grid_inputs.repeat_interleave(cells, dim=0)  # one row per target
         targets = grids.classes[start : start + grids_per_batch].flatten().to(device)
-        cell_index = torch.arange(cells, device=device).repeat(len(batch))
-        for setting, method, layer in keys:
+        cell_index = torch.arange(cells, device=device).repeat(len(grid_inputs))
+        for setting in settings:
             explained = grid_model(setting, model, grid, cell_index)
-            maps = create_method(method)(explained, inputs, targets, layer=layer)
-            maps = smooth(maps, smoothing.get(method, Smoothing()))
-            score = grid_pointing_game(maps, grid, cell_index)
-            scores[(setting, method, layer)].append(score.cpu())
-            if on_maps is not None:
-                on_maps((setting, method, layer), maps.detach(), cell_index, score)
+            for layer in dict.fromkeys(layer for _, layer in pairs):
+                # one backbone forward per grid serves every method and every target at this layer
+                with torch.no_grad():
+                    first_rows = model_rows(explained, torch.arange(0, len(inputs), cells))
+                    shared = first_rows.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+                for method in (m for m, l in pairs if l == layer):
+                    attribution = create_method(method)
+                    options = {"probabilities": activation} if attribution.uses_probabilities else {}
+                    maps = attribution(explained, inputs, targets, layer=layer, activation=shared, **options)
+                    maps = smooth(maps, smoothing.get(method, Smoothing()))
+                    score = grid_pointing_game(maps, grid, cell_index)
+                    scores[(setting, method, layer)].append(score.cpu())
+                    if on_maps is not None:
+                        on_maps((setting, method, layer), maps.detach(), cell_index, score)
     for (setting, method, layer), values in scores.items():
         metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return metrics

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evaluation.attribution import create_method
-from evaluation.grid_models import DiFullModel, DiPartModel, crop_cells, join_cells, split_cells
+from evaluation.grid_models import DiFullModel, DiPartModel, crop_cells, grid_model, join_cells, split_cells
 from evaluation.gridpg import evaluate_gridpg
 from evaluation.localization import grid_pointing_game
 from probing.backbones import create_backbone
@@ -114,3 +114,54 @@ def test_unknown_setting_is_named(trained_probe):
     model, val = trained_probe
     with pytest.raises(ValueError, match="unknown localisation setting 'difill': known are gridpg, difull, dipart"):
         evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], settings=("difill",))
+
+
+def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_probe):
+    """Every registered method at every layer where it is defined, on GridPG, DiFull and DiPart
+    3x3 grids; maps from the shared per-layer forward equal each method called on its own."""
+    from evaluation.attribution import list_methods
+
+    model, val = trained_probe
+    kept = {}
+
+    def keep(key, maps, cells, scores):
+        kept.setdefault(key, []).append(maps)
+
+    def evaluate(methods, settings):
+        return evaluate_gridpg(
+            model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=methods,
+            layers=["input", "middle", "final"], grid=3, n_grids=2, confidence=0.5, settings=settings, on_maps=keep,
+            grids_per_batch=2,
+        )  # fmt: skip
+
+    methods = [m for m in list_methods() if m != "lime"]
+    metrics = evaluate(methods, ("gridpg", "difull", "dipart"))
+    metrics |= evaluate(["lime"], ("gridpg",))  # (500 samples per row on DiFull/DiPart: over a minute)
+    assert metrics["grids/count"] == 2
+    expected_keys = {
+        f"{s}/{m}/{layer}" for s in ("gridpg", "difull", "dipart") for m in methods
+        for layer in create_method(m).layers
+    } | {"gridpg/lime/input"}  # fmt: skip
+    assert expected_keys <= metrics.keys() and all(0.0 <= metrics[k] <= 1.0 for k in expected_keys)
+    for method in ("ixg", "intgrad", "gbp", "bcos", "lrp"):  # provably local at the input on DiFull
+        assert metrics[f"difull/{method}/input"] == pytest.approx(1.0), method
+
+    grids = kept[("gridpg", "ixg", "input")][0]
+    assert grids.shape == (18, 96, 96)  # 2 grids x 9 targets, 3x3 cells of 32 px
+    inputs, targets, cells = _grid_rows(model, val, grid=3, n_grids=2)
+    for setting in ("gridpg", "difull"):
+        explained = grid_model(setting, model, 3, cells)
+        for method, layer in (("ixg", "middle"), ("gradcam", "final"), ("lrp", "final"), ("occlusion", "middle")):
+            alone = create_method(method)(explained, inputs, targets, layer=layer)
+            torch.testing.assert_close(kept[(setting, method, layer)][0], alone, rtol=1e-4, atol=1e-6)
+
+
+def _grid_rows(model, val, grid, n_grids):
+    """The evaluator's first batch of rows, rebuilt: inputs repeated per target, targets, cells."""
+    from evaluation.gridpg import predict_probabilities
+    from evaluation.grids import build_grids, confident_mask
+
+    confident = confident_mask(predict_probabilities(model, val.images, lambda z: z.softmax(dim=1)), val.labels, 0.5)
+    grids = build_grids(val.images, val.labels, confident, grid, n_grids, 0)
+    inputs = model.preprocess(grids.images).repeat_interleave(grid * grid, dim=0)
+    return inputs, grids.classes.flatten(), torch.arange(grid * grid).repeat(len(grids))

@@ -16,7 +16,10 @@ from probing.heads import explanation_mode
 __all__ = ["bcos_explanation"]
 
 
-def bcos_explanation(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input") -> torch.Tensor:
-    """B-cos contribution maps (B, H, W) of each row's target class at ``layer``."""
+def bcos_explanation(
+    model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
+) -> torch.Tensor:
+    """B-cos contribution maps (B, H, W) of each row's target class at ``layer`` (``activation``:
+    optional, shared; explanation mode changes the backward pass only)."""
     with explanation_mode(model):
-        return input_x_gradient(model, images, targets, layer=layer)
+        return input_x_gradient(model, images, targets, layer=layer, activation=activation)

@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttributionMethod", "LayeredModel", "model_rows", "select_targets", "target_gradients", "to_image_size"]
+__all__ = ["AttributionMethod", "LayeredModel", "layer_activation", "model_rows", "select_targets", "target_gradients", "to_image_size"]
 
 
 class LayeredModel(Protocol):
@@ -56,8 +56,17 @@ def select_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.to(logits.device)[:, None])[:, 0]
 
 
+def layer_activation(model, images: torch.Tensor, layer: str, activation: torch.Tensor | None = None) -> torch.Tensor:
+    """The activation at ``layer``: ``activation`` when the caller shares one forward among
+    methods (it must be ``model.forward_to(images, layer)``), else computed here."""
+    if activation is not None:
+        return activation.detach()
+    with torch.no_grad():
+        return model.forward_to(images, layer)
+
+
 def target_gradients(
-    model: LayeredModel, images: torch.Tensor, targets: torch.Tensor, layer: str
+    model: LayeredModel, images: torch.Tensor, targets: torch.Tensor, layer: str, activation: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation at ``layer`` and the gradient of each row's target logit with respect to it.
 
@@ -67,12 +76,14 @@ def target_gradients(
     Args:
         images (Tensor): preprocessed inputs (B, C, H, W).
         targets (Tensor): (B,) int64 class per row.
+        activation (Tensor): optional, the activation at ``layer`` if already computed.
 
     Returns:
         (activation, gradient), both (B, C_l, H_l, W_l), detached.
     """
+    activation = layer_activation(model, images, layer, activation)
     with torch.enable_grad():
-        activation = model.forward_to(images, layer).detach().requires_grad_(True)
+        activation = activation.clone().requires_grad_(True)
         selected = select_targets(model.forward_from(activation, layer), targets).sum()
         (gradient,) = torch.autograd.grad(selected, activation)
     return activation.detach(), gradient

@@ -15,7 +15,12 @@ __all__ = ["grad_cam"]
 
 
 def grad_cam(
-    model, images: torch.Tensor, targets: torch.Tensor, layer: str = "final", relu: bool = False
+    model,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    layer: str = "final",
+    relu: bool = False,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grad-CAM maps.
 
@@ -25,11 +30,12 @@ def grad_cam(
         targets (Tensor): (B,) int64 class to explain per row.
         layer (str): ``middle`` or ``final``. Default: ``final``.
         relu (bool): clamp negative values of the map. Default: False (captum's default).
+        activation (Tensor): optional, ``model.forward_to(images, layer)`` if already computed.
 
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
-    activation, gradient = target_gradients(model, images, targets, layer)
+    activation, gradient = target_gradients(model, images, targets, layer, activation)
     maps = (gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
     if relu:
         maps = maps.clamp(min=0)

@@ -33,7 +33,9 @@ def guided_relus(model: nn.Module):
             handle.remove()
 
 
-def guided_backprop(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input") -> torch.Tensor:
+def guided_backprop(
+    model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Guided Backprop maps summed over channels.
 
     Args:
@@ -41,10 +43,12 @@ def guided_backprop(model, images: torch.Tensor, targets: torch.Tensor, layer: s
         images (Tensor): preprocessed inputs (B, C, H, W).
         targets (Tensor): (B,) int64 class to explain per row.
         layer (str): ``input``, ``middle`` or ``final``.
+        activation (Tensor): optional, ``model.forward_to(images, layer)`` if already computed
+            (the forward pass is the same; only the backward pass is guided).
 
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
     with guided_relus(model):
-        _, gradient = target_gradients(model, images, targets, layer)
+        _, gradient = target_gradients(model, images, targets, layer, activation)
     return to_image_size(gradient.sum(dim=1), images.shape[-2:])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evaluation.attribution.common import select_targets, to_image_size
+from evaluation.attribution.common import layer_activation, select_targets, to_image_size
 
 __all__ = ["integrated_gradients", "gauss_legendre"]
 
@@ -30,6 +30,7 @@ def integrated_gradients(
     layer: str = "input",
     n_steps: int = 50,
     internal_batch_size: int = 256,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrated Gradients maps summed over channels.
 
@@ -41,12 +42,12 @@ def integrated_gradients(
         n_steps (int): quadrature points. Default: 50 (the reference setting).
         internal_batch_size (int): at most this many rows per forward pass (at least one step of
             the whole batch).
+        activation (Tensor): optional, ``model.forward_to(images, layer)`` if already computed.
 
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
-    with torch.no_grad():
-        activation = model.forward_to(images, layer)
+    activation = layer_activation(model, images, layer, activation)
     batch = len(activation)
     alphas, weights = (t.to(activation.dtype).to(activation.device) for t in gauss_legendre(n_steps))
     steps_per_pass = max(1, internal_batch_size // batch)

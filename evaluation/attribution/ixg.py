@@ -13,7 +13,9 @@ from evaluation.attribution.common import target_gradients, to_image_size
 __all__ = ["input_x_gradient"]
 
 
-def input_x_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input") -> torch.Tensor:
+def input_x_gradient(
+    model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Input x Gradient maps summed over channels.
 
     Args:
@@ -21,9 +23,10 @@ def input_x_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: 
         images (Tensor): preprocessed inputs (B, C, H, W).
         targets (Tensor): (B,) int64 class to explain per row.
         layer (str): ``input``, ``middle`` or ``final``.
+        activation (Tensor): optional, ``model.forward_to(images, layer)`` if already computed.
 
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
-    activation, gradient = target_gradients(model, images, targets, layer)
+    activation, gradient = target_gradients(model, images, targets, layer, activation)
     return to_image_size((activation * gradient).sum(dim=1), images.shape[-2:])

@@ -43,8 +43,10 @@ def lime(
     num_samples: int = 500,
     seed: int = 0,
     batch_size: int = 100,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LIME maps (B, H, W)."""
+    """LIME maps (B, H, W). ``activation`` is accepted for the shared call shape and not needed:
+    LIME perturbs the input itself."""
     from lime.lime_image import LimeImageExplainer
 
     maps = torch.zeros(len(images), *images.shape[-2:], dtype=images.dtype, device=images.device)
@@ -54,6 +56,8 @@ def lime(
         while end < len(images) and torch.equal(images[end], images[start]):
             end += 1
         rows = list(range(start, end))
+        # a plain model serves every target from one pass; a grid model ties each row to its cell
+        rows_per_sample = len(rows) if hasattr(model, "rows") else 1
         row_model = model_rows(model, rows)
         image = images[start]
         segments = _segmenter()(_as_rgb(image))
@@ -62,11 +66,11 @@ def lime(
             # lime perturbs an (H, W, 3) picture; apply its segment on/off pattern to the real input
             keep = torch.from_numpy(samples[..., 0] != 0).to(images.device)  # hidden segments are 0
             batch = image[None] * keep[:, None].to(image.dtype)
-            batch = batch.repeat_interleave(len(rows), dim=0)  # sample-major: the row model's cells repeat
-            p = probabilities(row_model(batch)).view(len(samples), len(rows), -1)
+            batch = batch.repeat_interleave(rows_per_sample, dim=0)  # sample-major: the row model's cells repeat
+            p = probabilities(row_model(batch)).view(len(samples), rows_per_sample, -1)
             out = p[:, 0].clone()
-            for i, row in enumerate(rows):  # each target's probability from its own row
-                out[:, targets[row]] = p[:, i, targets[row]]
+            for i, row in enumerate(rows[:rows_per_sample] if rows_per_sample > 1 else []):
+                out[:, targets[row]] = p[:, i, targets[row]]  # each target's probability from its own row
             return out.double().cpu().numpy()
 
         marker = np.ones((*segments.shape, 3))  # lime hides segments of this by zeroing them

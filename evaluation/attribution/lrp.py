@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evaluation.attribution.common import to_image_size
+from evaluation.attribution.common import layer_activation, to_image_size
 
 __all__ = ["lrp", "lrp_composite", "BasicBlockCanonizer"]
 
@@ -65,24 +65,31 @@ class _FromLayer(nn.Module):
         return self.model.forward_from(activation, self.layer)
 
 
-def lrp(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", gamma: float = 0.25) -> torch.Tensor:
+def lrp(
+    model,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    layer: str = "input",
+    gamma: float = 0.25,
+    activation: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LRP relevance maps (B, H, W) of each row's target class at ``layer``.
 
     ``model`` needs ``preprocess`` at the input layer (for the ZBox bounds).
     """
     from zennit.attribution import Gradient
 
-    with torch.no_grad():
-        activation = model.forward_to(images, layer)
+    activation = layer_activation(model, images, layer, activation)
     low = high = None
     if layer == "input":
-        blank = torch.zeros(1, 3, *images.shape[-2:], dtype=images.dtype, device=images.device)
-        low = model.preprocess(blank).expand_as(images)
-        high = model.preprocess(blank + 1).expand_as(images)
+        # per-channel bounds (1, C, 1, 1): they broadcast to whatever the first convolution sees
+        # (DiFull feeds it single cells, not the whole grid)
+        blank = torch.zeros(1, 3, 1, 1, dtype=images.dtype, device=images.device)
+        low, high = model.preprocess(blank), model.preprocess(blank + 1)
+    def one_hot(logits: torch.Tensor) -> torch.Tensor:  # the starting relevance: 1 at each row's target
+        return torch.nn.functional.one_hot(targets.to(logits.device), logits.shape[1]).to(logits.dtype)
+
     with torch.enable_grad():
-        logits_shape = model.forward_from(activation[:1], layer).shape[1:]
-        one_hot = torch.zeros(len(targets), *logits_shape, dtype=activation.dtype, device=activation.device)
-        one_hot[torch.arange(len(targets)), targets.to(activation.device)] = 1.0
         with Gradient(_FromLayer(model, layer), lrp_composite(low, high, gamma)) as attributor:
             _, relevance = attributor(activation.clone().requires_grad_(True), one_hot)
     return to_image_size(relevance.sum(dim=1), images.shape[-2:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.attribution.common import select_targets, to_image_size
+from evaluation.attribution.common import layer_activation, select_targets, to_image_size
 
 __all__ = ["occlusion"]
 
@@ -28,6 +28,7 @@ def occlusion(
     window: int | None = None,
     stride: int | None = None,
     internal_batch_size: int = 256,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Occlusion maps (B, H, W).
 
@@ -35,7 +36,7 @@ def occlusion(
         window (int): side of the occluding patch, in pixels of the layer. Default: a quarter of
             the map's side (at least 1). stride (int): default half the window (at least 1).
     """
-    activation = model.forward_to(images, layer)
+    activation = layer_activation(model, images, layer, activation)
     batch, _, height, width = activation.shape
     window = window or max(1, min(height, width) // 4)
     stride = stride or max(1, window // 2)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from evaluation.attribution.common import model_rows, select_targets, to_image_size
+from evaluation.attribution.common import layer_activation, model_rows, select_targets, to_image_size
 
 __all__ = ["score_cam"]
 
@@ -27,9 +27,10 @@ def score_cam(
     layer: str = "final",
     probabilities: Callable[[torch.Tensor], torch.Tensor] = lambda z: z.softmax(dim=1),
     internal_batch_size: int = 256,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score-CAM maps (B, H, W) at ``middle`` or ``final``."""
-    activation = model.forward_to(images, layer)
+    activation = layer_activation(model, images, layer, activation)
     channels = activation.shape[1]
     masks = F.interpolate(activation, size=images.shape[-2:], mode="bilinear", align_corners=True)
     low = masks.flatten(2).min(dim=2).values[:, :, None, None]
