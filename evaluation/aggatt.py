@@ -75,3 +75,32 @@ def aggatt_figure(aggatt: AggAtt, title: str = ""):
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def heatmap_gallery(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor, title: str = "", columns: int = 4):
+    """A matplotlib figure of example explanations: each image with its positive attribution
+    overlaid (own colour scale per map, clipped at its 99.5th percentile) and its score.
+
+    Args:
+        images (Tensor): (N, 3, H, W) in [0, 1]. maps (Tensor): (N, H, W). scores (Tensor): (N,).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, score in zip(axes.flat, images, maps, scores):
+        positive = heat.clamp(min=0).double()
+        top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
+        ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+        ax.imshow((positive / top).clamp(max=1).cpu().numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+        ax.set_title(f"score {float(score):.2f}", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -52,7 +52,7 @@ def evaluate_gridpg(
     grids_per_batch: int = 8,
     settings: tuple[str, ...] = ("gridpg",),
     smoothing: dict[str, Smoothing] | None = None,
-    on_maps: Callable[[tuple[str, str, str], torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    on_maps: Callable[..., None] | None = None,
 ) -> dict[str, float]:
     """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
@@ -68,7 +68,8 @@ def evaluate_gridpg(
         settings: any of ``gridpg``, ``difull``, ``dipart``.
         smoothing: per method name, applied to the maps before scoring. Default: none.
         on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
-            target cells and scores, e.g. to build AggAtt figures.
+            target cells, scores and the batch's grid images (one per ``grid * grid`` rows), e.g.
+            to build AggAtt figures and example galleries.
 
     Returns:
         ``<setting>/<method>/<layer>``: mean score over all cells of all grids (absent when no
@@ -88,7 +89,8 @@ def evaluate_gridpg(
     keys = [(setting, method, layer) for setting in settings for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
     for start in range(0, len(grids), grids_per_batch):
-        grid_inputs = model.preprocess(grids.images[start : start + grids_per_batch].to(device))
+        grid_images = grids.images[start : start + grids_per_batch].to(device)
+        grid_inputs = model.preprocess(grid_images)
         inputs = grid_inputs.repeat_interleave(cells, dim=0)  # one row per target
         targets = grids.classes[start : start + grids_per_batch].flatten().to(device)
         cell_index = torch.arange(cells, device=device).repeat(len(grid_inputs))
@@ -107,7 +109,7 @@ def evaluate_gridpg(
                     score = grid_pointing_game(maps, grid, cell_index)
                     scores[(setting, method, layer)].append(score.cpu())
                     if on_maps is not None:
-                        on_maps((setting, method, layer), maps.detach(), cell_index, score)
+                        on_maps((setting, method, layer), maps.detach(), cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
         metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return metrics

@@ -13,8 +13,8 @@ __all__ = ["is_localisation_score", "trial_rows", "render_table"]
 
 
 def is_localisation_score(metric: str) -> bool:
-    """``<setting>/<method>/<layer>`` for a grid setting (gridpg, difull, dipart)."""
-    return metric.split("/", 1)[0] in GRID_SETTINGS and metric.count("/") == 2
+    """``<setting>/<method>/<layer>`` for a grid setting (gridpg, difull, dipart) or EPG."""
+    return metric.split("/", 1)[0] in (*GRID_SETTINGS, "epg") and metric.count("/") == 2
 
 
 FIXED = ("trial", "backbone", "loss", "head", "status", "val/accuracy", "grids")

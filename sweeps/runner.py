@@ -92,11 +92,11 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             self._count(trials, trial)
             result = trial.last_result or {}
             scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k))
-            grids = int(result.get("grids/count", 0))
+            counted = [f"{int(result[k])} {k.split('/')[0]}" for k in ("grids/count", "epg/rows") if k in result]
             log(
                 f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
                 f"{head_label(trial.config['head'])}: "
-                f"val acc {result.get('val/accuracy', float('nan')):.3f}, {grids} grids"
+                f"val acc {result.get('val/accuracy', float('nan')):.3f}" + "".join(f", {c}" for c in counted)
                 + (f", {scores}" if scores else "")
             )
 

@@ -38,7 +38,7 @@ from probing.registry import Registry
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
 
 DEMO_SPEC = Path(__file__).parent / "configs" / "demo.yaml"
-METRICS = GRID_SETTINGS  # gridpg, difull, dipart
+METRICS = (*GRID_SETTINGS, "epg")  # gridpg, difull, dipart on grids of single-label images; epg on boxes
 
 
 def _as_list(value: Any) -> Any:
@@ -235,6 +235,7 @@ class EvaluateSpec(Strict):
     metrics: _axis(Literal[METRICS]) = ["gridpg"]
     grid: Annotated[int, Field(ge=2, le=4)] = 2
     n_grids: Annotated[int, Field(ge=1)] = 32
+    n_images: Annotated[int, Field(ge=1)] = 64  # images (each with its box classes) scored by EPG
     confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
     seed: int = 0
     # none; reference (Rao et al.: Gaussian 129 for ixg/intgrad, 5x5 average pooling otherwise);
@@ -316,6 +317,10 @@ class SweepSpec(Strict):
             if LOSSES.get(loss).multilabel != multilabel:
                 kind = "multi-label" if multilabel else "single-label"
                 raise ValueError(f"probe.loss: {loss!r} does not fit the {kind} data set {self.data.dataset!r}")
+        for metric in self.evaluate.metrics:
+            if (metric == "epg") != multilabel:
+                needs = "a data set with boxes (voc2007, coco2014)" if metric == "epg" else "single-label images for its grids"
+                raise ValueError(f"evaluate.metrics: {metric!r} needs {needs}, not {self.data.dataset!r}")
         return self
 
 

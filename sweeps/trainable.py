@@ -17,7 +17,8 @@ import ray
 import torch
 from ray import tune
 
-from evaluation.aggatt import aggatt_bins, aggatt_figure
+from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery
+from evaluation.epg import evaluate_epg
 from evaluation.gridpg import evaluate_gridpg
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
@@ -33,6 +34,7 @@ __all__ = ["probe_trial", "RUNTIME_KEY"]
 
 RUNTIME_KEY = "runtime"  # config entries that say where to log, not what to train
 STATE_FILE = "trainer.pt"
+GALLERY = 8  # example explanations per (setting, method, layer)
 
 
 def _trial_inputs(config: dict[str, Any]):
@@ -71,33 +73,37 @@ def _trial_inputs(config: dict[str, Any]):
 
 
 def _evaluate(model: ProbedModel, val, loss, evaluate: dict[str, Any], run: TrialRun) -> dict[str, float]:
-    """Localisation scores of the trained probe; AggAtt of the top-left cell's explanations as images."""
-    top_left: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def keep_top_left(key, maps, cells, scores):
-        first = cells == 0
-        top_left.setdefault(key, []).append((maps[first].cpu(), scores[first].cpu()))
-
+    """Localisation scores of the trained probe, logged with figures: the AggAtt of each
+    (setting, method, layer) over its rows (grids: the top-left cell's), and a gallery of the
+    first batch's explanations over their images."""
     spec = EvaluateSpec.model_validate(evaluate)
-    metrics = evaluate_gridpg(
-        model,
-        val.images,
-        val.labels,
-        loss.probabilities,
-        methods=spec.methods,
-        layers=spec.layers,
-        grid=spec.grid,
-        n_grids=spec.n_grids,
-        confidence=spec.confidence,
-        seed=spec.seed,
-        settings=tuple(spec.metrics),
-        smoothing=spec.smoothing_per_method(),
-        on_maps=keep_top_left,
-    )
-    for (setting, method, layer), parts in top_left.items():
+    collected: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    examples: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def keep(key, maps, rows, scores, images):
+        # EPG: every (image, class) row; grids: the top-left cell's row of each grid, as many as images
+        chosen = torch.ones_like(rows, dtype=torch.bool) if key[0] == "epg" else rows == 0
+        collected.setdefault(key, []).append((maps[chosen].cpu(), scores[chosen].cpu()))
+        examples.setdefault(key, (images[:GALLERY].cpu(), maps[chosen][:GALLERY].cpu(), scores[chosen][:GALLERY].cpu()))
+
+    metrics: dict[str, float] = {}
+    options = {"methods": spec.methods, "layers": spec.layers, "seed": spec.seed, "smoothing": spec.smoothing_per_method()}
+    if "epg" in spec.metrics:
+        metrics |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=spec.n_images, on_maps=keep, **options)
+    grid_settings = tuple(m for m in spec.metrics if m != "epg")
+    if grid_settings:
+        metrics |= evaluate_gridpg(
+            model, val.images, val.labels, loss.probabilities, grid=spec.grid, n_grids=spec.n_grids,
+            confidence=spec.confidence, settings=grid_settings, on_maps=keep, **options,
+        )  # fmt: skip
+    for (setting, method, layer), parts in collected.items():
         maps, scores = (torch.cat(p) for p in zip(*parts))
-        title = f"{setting}/{method}/{layer}: AggAtt, top-left cell, best to worst"
+        rows = "(image, class) rows" if setting == "epg" else "top-left cell"
+        title = f"{setting}/{method}/{layer}: AggAtt, {rows}, best to worst"
         run.log_figure(aggatt_figure(aggatt_bins(maps, scores), title), f"aggatt/{setting}-{method}-{layer}.png")
+        images, maps, scores = examples[(setting, method, layer)]
+        title = f"{setting}/{method}/{layer}: examples" + ("" if setting == "epg" else " (top-left cell explained)")
+        run.log_figure(heatmap_gallery(images, maps, scores, title), f"examples/{setting}-{method}-{layer}.png")
     return metrics
 
 

@@ -44,3 +44,22 @@ def test_figure_uses_one_colour_scale_for_all_bins():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="need maps \\(N, H, W\\) and scores \\(N,\\), got \\(3, 4, 4\\) and \\(2,\\)"):
         aggatt_bins(torch.ones(3, 4, 4), torch.ones(2))
+
+
+def test_heatmap_gallery_overlays_each_map_on_its_image():
+    from evaluation.aggatt import heatmap_gallery
+
+    images = torch.rand(5, 3, 16, 16)
+    maps = torch.zeros(5, 16, 16)
+    maps[:, 2:6, 3:9] = 1.0
+    figure = heatmap_gallery(images, maps, torch.linspace(0, 1, 5), title="gridpg/ixg/input", columns=3)
+    shown = [ax for ax in figure.axes if ax.images]
+    assert len(figure.axes) == 6 and len(shown) == 5  # 2 rows of 3, one empty panel
+    picture, overlay = shown[0].images
+    assert picture.get_array().shape == (16, 16, 3)
+    heat = overlay.get_array()
+    assert heat[3, 4] == 1.0 and heat[10, 10] == 0.0  # the positive region is bright, the rest dark
+    assert [ax.get_title() for ax in shown][-1] == "score 1.00"
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

@@ -124,7 +124,7 @@ def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_
     model, val = trained_probe
     kept = {}
 
-    def keep(key, maps, cells, scores):
+    def keep(key, maps, cells, scores, images):
         kept.setdefault(key, []).append(maps)
 
     def evaluate(methods, settings):

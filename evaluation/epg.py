@@ -1,0 +1,108 @@
+"""EPG evaluation on multi-label data with boxes (VOC 2007, COCO 2014).
+
+One row per (image, ground-truth class): the map for that class is scored by the Energy Pointing
+Game against the union of the class's boxes. Boxes flagged difficult (VOC) or crowd (COCO) are
+left out, and a class with only such boxes is not explained. As in the grid evaluation, one
+backbone forward per batch and layer serves every method and every class of an image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from evaluation.attribution import create_method
+from evaluation.gridpg import method_layer_pairs
+from evaluation.localization import energy_pointing_game
+from evaluation.smoothing import Smoothing, smooth
+
+__all__ = ["box_mask", "epg_rows", "evaluate_epg"]
+
+
+def box_mask(boxes: torch.Tensor, cls: int, height: int, width: int) -> torch.Tensor:
+    """(H, W) bool: the pixels whose centres lie in a box of class ``cls`` that is not flagged.
+
+    Args:
+        boxes (Tensor): (M, 6) rows ``class, x0, y0, x1, y1, flag`` in pixels of the image.
+    """
+    ys = torch.arange(height, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(width, dtype=torch.float32)[None, :] + 0.5
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for c, x0, y0, x1, y1, flag in boxes.tolist():
+        if int(c) == cls and not flag:
+            mask |= (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    return mask
+
+
+def epg_rows(boxes: tuple[torch.Tensor, ...], n_images: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(image index, class) rows: up to ``n_images`` images (seeded choice) with unflagged boxes,
+    and each class that has one in them."""
+    order = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, images = [], 0
+    for i in order:
+        classes = sorted({int(b[0]) for b in boxes[i].tolist() if not b[5]})
+        if classes:
+            rows += [(i, c) for c in classes]
+            images += 1
+            if images == n_images:
+                break
+    return rows
+
+
+def evaluate_epg(
+    model,
+    images,
+    boxes: tuple[torch.Tensor, ...],
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    methods: list[str],
+    layers: list[str],
+    n_images: int = 64,
+    seed: int = 0,
+    rows_per_batch: int = 16,
+    smoothing: dict[str, Smoothing] | None = None,
+    on_maps: Callable | None = None,
+) -> dict[str, float]:
+    """Mean EPG of every (method, layer) pair over the (image, class) rows.
+
+    Args:
+        model: a ``ProbedModel`` in eval mode. images: the split's images in [0, 1] (a tensor or a
+            lazy image list); boxes: the split's boxes (``probing.datasets.Split.boxes``).
+        activation: logits -> probabilities, for the methods that use them.
+        on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
+            their scores and their images.
+
+    Returns:
+        ``epg/<method>/<layer>`` and ``epg/rows`` (the number of (image, class) rows scored).
+    """
+    smoothing = smoothing or {}
+    rows = epg_rows(boxes, n_images, seed)
+    pairs = method_layer_pairs(methods, layers)
+    metrics: dict[str, float] = {"epg/rows": float(len(rows))}
+    scores: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), rows_per_batch):
+        batch = rows[start : start + rows_per_batch]
+        unique = sorted({i for i, _ in batch})
+        pictures = images[torch.tensor(unique)]
+        inputs = model.preprocess(pictures.to(device))
+        which = torch.tensor([unique.index(i) for i, _ in batch], device=device)
+        targets = torch.tensor([c for _, c in batch], device=device)
+        height, width = inputs.shape[-2:]
+        masks = torch.stack([box_mask(boxes[i], c, height, width) for i, c in batch]).to(device)
+        for layer in dict.fromkeys(layer for _, layer in pairs):
+            with torch.no_grad():
+                shared = model.forward_to(inputs, layer)[which]
+            for method in (m for m, l in pairs if l == layer):
+                attribution = create_method(method)
+                options = {"probabilities": activation} if attribution.uses_probabilities else {}
+                maps = attribution(model, inputs[which], targets, layer=layer, activation=shared, **options)
+                maps = smooth(maps, smoothing.get(method, Smoothing()))
+                score = energy_pointing_game(maps, masks)
+                scores[(method, layer)].append(score.cpu())
+                if on_maps is not None:
+                    on_maps(("epg", method, layer), maps.detach(), targets, score, pictures[which.cpu()])
+    for (method, layer), values in scores.items():
+        if values:
+            metrics[f"epg/{method}/{layer}"] = torch.cat(values).mean().item()
+    return metrics

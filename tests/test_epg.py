@@ -1,0 +1,66 @@
+"""EPG on multi-label data with boxes: masks from boxes, rows per (image, class), a known answer."""
+
+import pytest
+import torch
+from torch import nn
+
+from evaluation.epg import box_mask, epg_rows, evaluate_epg
+
+
+def test_box_mask_is_the_union_of_the_class_boxes_without_flagged_ones():
+    boxes = torch.tensor(
+        [[3, 0.0, 0.0, 2.0, 2.0, 0], [3, 4.0, 1.0, 6.0, 3.0, 0], [3, 0.0, 4.0, 8.0, 8.0, 1], [5, 0.0, 0.0, 8.0, 8.0, 0]]
+    )
+    mask = box_mask(boxes, 3, 8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[0:2, 0:2] = True  # pixel centres 0.5 and 1.5 lie in [0, 2]
+    expected[1:3, 4:6] = True
+    assert torch.equal(mask, expected)  # the flagged (difficult) box of class 3 and the class-5 box are out
+
+
+def test_rows_cover_each_unflagged_class_of_the_chosen_images():
+    boxes = (
+        torch.tensor([[1, 0, 0, 4, 4, 0], [2, 0, 0, 4, 4, 1]]),  # class 2 only difficult: not a row
+        torch.zeros(0, 6),  # no boxes: skipped
+        torch.tensor([[0, 0, 0, 4, 4, 0], [4, 1, 1, 3, 3, 0], [0, 2, 2, 4, 4, 0]]),
+    )
+    assert sorted(epg_rows(boxes, n_images=10)) == [(0, 1), (2, 0), (2, 4)]
+    assert len({i for i, _ in epg_rows(boxes, n_images=1)}) == 1
+
+
+class QuadrantModel(nn.Module):
+    """Logit k is the mean of the input in quadrant k (row-major): Input x Gradient puts each
+    class's attribution in its own quadrant, so EPG against that quadrant's box is exactly 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def preprocess(self, images):
+        return images
+
+    def forward_to(self, x, layer):
+        return x
+
+    def forward_from(self, a, layer):
+        h, w = a.shape[-2] // 2, a.shape[-1] // 2
+        quads = [a[..., :h, :w], a[..., :h, w:], a[..., h:, :w], a[..., h:, w:]]
+        return torch.stack([q.mean(dim=(1, 2, 3)) for q in quads], dim=1) * self.scale
+
+    def forward(self, x):
+        return self.forward_from(x, "input")
+
+
+def test_epg_scores_one_for_attribution_inside_the_boxes():
+    images = torch.rand(3, 3, 8, 8) + 0.1  # positive, so Input x Gradient is positive in the quadrant
+    boxes = (
+        torch.tensor([[0, 0.0, 0.0, 4.0, 4.0, 0], [3, 4.0, 4.0, 8.0, 8.0, 0]]),
+        torch.tensor([[1, 4.0, 0.0, 8.0, 4.0, 0]]),
+        torch.tensor([[2, 0.0, 4.0, 4.0, 8.0, 0], [2, 0.0, 0.0, 8.0, 8.0, 1]]),
+    )
+    metrics = evaluate_epg(QuadrantModel(), images, boxes, torch.sigmoid, ["ixg"], ["input"], rows_per_batch=2)
+    assert metrics["epg/rows"] == 4 and metrics["epg/ixg/input"] == pytest.approx(1.0)
+    half = (torch.tensor([[0, 0.0, 0.0, 4.0, 2.0, 0]]),)  # the top half of quadrant 0 only
+    metrics = evaluate_epg(QuadrantModel(), images[:1], half, torch.sigmoid, ["ixg"], ["input"])
+    expected = images[0, :, :2, :4].sum() / images[0, :, :4, :4].sum()
+    assert metrics["epg/ixg/input"] == pytest.approx(expected.item(), rel=1e-5)
