@@ -293,3 +293,18 @@ def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_li
     expected = _per_image(plain, x, targets)
     assert len(torch.unique(ours[0])) > 2  # several superpixels with their own weights
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method, layer", [("ixg", "input"), ("gbp", "middle"), ("gradcam", "final"), ("intgrad", "input"),
+                                           ("lrp", "input"), ("lrp", "middle"), ("bcos", "final")])  # fmt: skip
+def test_targets_of_one_image_share_its_forward_and_equal_one_row_at_a_time(model, inputs, method, layer):
+    from evaluation.attribution.common import repeated_rows
+
+    images, _ = inputs
+    x = model.preprocess(images[:2]).repeat_interleave(3, dim=0)  # as the grid evaluation lays out targets
+    targets = torch.tensor([1, 4, 7, 0, 2, 9])
+    assert repeated_rows(x) == 3 and repeated_rows(model.preprocess(images)) == 1
+    options = {"n_steps": 8, "internal_batch_size": 4} if method == "intgrad" else {}  # steps in chunks too
+    shared = create_method(method)(model, x, targets, layer=layer, **options)
+    alone = torch.cat([create_method(method)(model, x[i : i + 1], targets[i : i + 1], layer=layer, **options) for i in range(6)])
+    torch.testing.assert_close(shared, alone, rtol=1e-7, atol=1e-12)

@@ -8,7 +8,17 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttributionMethod", "LayeredModel", "layer_activation", "model_rows", "select_targets", "target_gradients", "to_image_size"]
+__all__ = [
+    "AttributionMethod",
+    "LayeredModel",
+    "layer_activation",
+    "model_rows",
+    "repeated_rows",
+    "select_targets",
+    "shared_forward_gradients",
+    "target_gradients",
+    "to_image_size",
+]
 
 
 class LayeredModel(Protocol):
@@ -65,13 +75,48 @@ def layer_activation(model, images: torch.Tensor, layer: str, activation: torch.
         return model.forward_to(images, layer)
 
 
+def repeated_rows(x: torch.Tensor) -> int:
+    """k when the rows of ``x`` come in runs of k equal rows (several targets of one image, as the
+    grid evaluation lays them out), else 1."""
+    k = 1
+    while k < len(x) and torch.equal(x[k], x[0]):
+        k += 1
+    if k == 1 or len(x) % k or not torch.equal(x[::k].repeat_interleave(k, dim=0), x):
+        return 1
+    return k
+
+
+def shared_forward_gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Gradients of each row's target logit, for rows that are ``inputs.repeat_interleave(k)``:
+    one forward pass of ``inputs`` serves the k targets of each, then one backward pass per target
+    position (rows are independent in eval mode, so summed logits give per-row gradients).
+
+    Args:
+        forward: rows -> logits. inputs: (U, ...) the distinct rows. targets: (U * k,).
+
+    Returns:
+        Tensor: (U * k, ...) gradients, in the rows' order.
+    """
+    with torch.enable_grad():
+        x = inputs.detach().clone().requires_grad_(True)
+        logits = forward(x)
+        gradients = []
+        for r in range(k):
+            selected = select_targets(logits, targets[r::k]).sum()
+            gradients.append(torch.autograd.grad(selected, x, retain_graph=r < k - 1)[0])
+    return torch.stack(gradients, dim=1).flatten(0, 1)
+
+
 def target_gradients(
     model: LayeredModel, images: torch.Tensor, targets: torch.Tensor, layer: str, activation: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation at ``layer`` and the gradient of each row's target logit with respect to it.
 
     Rows are independent (the model is in eval mode), so the gradient of the sum of the selected
-    logits gives every row's own gradient in one backward pass.
+    logits gives every row's own gradient in one backward pass. Rows that repeat one activation
+    (the targets of one grid) share its forward pass, on models that treat all rows alike.
 
     Args:
         images (Tensor): preprocessed inputs (B, C, H, W).
@@ -82,11 +127,9 @@ def target_gradients(
         (activation, gradient), both (B, C_l, H_l, W_l), detached.
     """
     activation = layer_activation(model, images, layer, activation)
-    with torch.enable_grad():
-        activation = activation.clone().requires_grad_(True)
-        selected = select_targets(model.forward_from(activation, layer), targets).sum()
-        (gradient,) = torch.autograd.grad(selected, activation)
-    return activation.detach(), gradient
+    k = 1 if hasattr(model, "rows") else repeated_rows(activation)  # grid models tie rows to cells
+    gradient = shared_forward_gradients(lambda a: model.forward_from(a, layer), activation[::k], targets, k)
+    return activation, gradient
 
 
 def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

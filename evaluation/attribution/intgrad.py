@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evaluation.attribution.common import layer_activation, select_targets, to_image_size
+from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
 
 __all__ = ["integrated_gradients", "gauss_legendre"]
 
@@ -48,18 +48,18 @@ def integrated_gradients(
         Tensor: (B, H, W) attribution maps.
     """
     activation = layer_activation(model, images, layer, activation)
-    batch = len(activation)
+    # rows that repeat one activation (the targets of a grid) share each step's forward pass
+    k = 1 if hasattr(model, "rows") else repeated_rows(activation)
+    distinct, per_target = activation[::k], targets.view(-1, k)
     alphas, weights = (t.to(activation.dtype).to(activation.device) for t in gauss_legendre(n_steps))
-    steps_per_pass = max(1, internal_batch_size // batch)
+    steps_per_pass = max(1, internal_batch_size // len(distinct))
     integral = torch.zeros_like(activation)
     per_step = (-1,) + (1,) * activation.dim()  # broadcasts a (steps,) vector over (steps, B, C, h, w)
     for start in range(0, n_steps, steps_per_pass):
         alpha = alphas[start : start + steps_per_pass]
         weight = weights[start : start + steps_per_pass]
-        with torch.enable_grad():
-            scaled = (alpha.view(per_step) * activation.unsqueeze(0)).flatten(0, 1).requires_grad_(True)
-            logits = model.forward_from(scaled, layer)
-            selected = select_targets(logits, targets.repeat(len(alpha))).sum()
-            (gradient,) = torch.autograd.grad(selected, scaled)
+        scaled = (alpha.view(per_step) * distinct.unsqueeze(0)).flatten(0, 1)  # (steps * U) rows
+        step_targets = per_target.repeat(len(alpha), 1).flatten()  # (steps * U * k)
+        gradient = shared_forward_gradients(lambda a: model.forward_from(a, layer), scaled, step_targets, k)
         integral += (gradient.view(len(alpha), *activation.shape) * weight.view(per_step)).sum(dim=0)
     return to_image_size((activation * integral).sum(dim=1), images.shape[-2:])

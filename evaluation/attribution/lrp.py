@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evaluation.attribution.common import layer_activation, to_image_size
+from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
 
 __all__ = ["lrp", "lrp_composite", "BasicBlockCanonizer"]
 
@@ -77,8 +77,6 @@ def lrp(
 
     ``model`` needs ``preprocess`` at the input layer (for the ZBox bounds).
     """
-    from zennit.attribution import Gradient
-
     activation = layer_activation(model, images, layer, activation)
     low = high = None
     if layer == "input":
@@ -86,10 +84,9 @@ def lrp(
         # (DiFull feeds it single cells, not the whole grid)
         blank = torch.zeros(1, 3, 1, 1, dtype=images.dtype, device=images.device)
         low, high = model.preprocess(blank), model.preprocess(blank + 1)
-    def one_hot(logits: torch.Tensor) -> torch.Tensor:  # the starting relevance: 1 at each row's target
-        return torch.nn.functional.one_hot(targets.to(logits.device), logits.shape[1]).to(logits.dtype)
-
-    with torch.enable_grad():
-        with Gradient(_FromLayer(model, layer), lrp_composite(low, high, gamma)) as attributor:
-            _, relevance = attributor(activation.clone().requires_grad_(True), one_hot)
+    # relevance starts as 1 at each row's target: the modified gradient of the target logit; rows
+    # that repeat one activation (the targets of a grid) share the forward pass
+    k = 1 if hasattr(model, "rows") else repeated_rows(activation)
+    with lrp_composite(low, high, gamma).context(_FromLayer(model, layer)) as modified:
+        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k)
     return to_image_size(relevance.sum(dim=1), images.shape[-2:])
