@@ -87,14 +87,21 @@ def repeated_rows(x: torch.Tensor) -> int:
 
 
 def shared_forward_gradients(
-    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor, k: int
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    vectorised: bool = False,
 ) -> torch.Tensor:
     """Gradients of each row's target logit, for rows that are ``inputs.repeat_interleave(k)``:
-    one forward pass of ``inputs`` serves the k targets of each, then one backward pass per target
-    position (rows are independent in eval mode, so summed logits give per-row gradients).
+    one forward pass of ``inputs`` serves the k targets of each (rows are independent in eval
+    mode), then one backward pass per target position, or a single one vectorised over them.
 
     Args:
         forward: rows -> logits. inputs: (U, ...) the distinct rows. targets: (U * k,).
+        vectorised: ``torch.autograd.grad(..., is_grads_batched=True)``. Measured on ResNet-50
+            (bench/gridpg_eval.py): faster for LRP, whose rules recompute each layer in the
+            backward pass, slower for plain gradients.
 
     Returns:
         Tensor: (U * k, ...) gradients, in the rows' order.
@@ -102,11 +109,22 @@ def shared_forward_gradients(
     with torch.enable_grad():
         x = inputs.detach().clone().requires_grad_(True)
         logits = forward(x)
-        gradients = []
+        if k == 1:
+            return torch.autograd.grad(select_targets(logits, targets).sum(), x)[0]
+        if not vectorised:
+            gradients = [
+                torch.autograd.grad(select_targets(logits, targets[r::k]).sum(), x, retain_graph=r < k - 1)[0]
+                for r in range(k)
+            ]
+            return torch.stack(gradients, dim=1).flatten(0, 1)
+        # one backward pass, vectorised over the k target positions (torch.vmap over grad_outputs)
+        one_hot = torch.zeros(k, *logits.shape, dtype=logits.dtype, device=logits.device)
+        rows = torch.arange(len(logits), device=logits.device)
         for r in range(k):
-            selected = select_targets(logits, targets[r::k]).sum()
-            gradients.append(torch.autograd.grad(selected, x, retain_graph=r < k - 1)[0])
-    return torch.stack(gradients, dim=1).flatten(0, 1)
+            select_targets(logits.detach(), targets[r::k])  # checks the targets' type and shape
+            one_hot[r, rows, targets[r::k].to(logits.device)] = 1.0
+        (gradients,) = torch.autograd.grad(logits, x, grad_outputs=one_hot, is_grads_batched=True)
+    return gradients.transpose(0, 1).flatten(0, 1)  # (k, U, ...) -> rows in (U, k) order
 
 
 def target_gradients(

@@ -88,5 +88,5 @@ def lrp(
     # that repeat one activation (the targets of a grid) share the forward pass
     k = 1 if hasattr(model, "rows") else repeated_rows(activation)
     with lrp_composite(low, high, gamma).context(_FromLayer(model, layer)) as modified:
-        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k)
+        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k, vectorised=True)
     return to_image_size(relevance.sum(dim=1), images.shape[-2:])

@@ -1,0 +1,119 @@
+"""GridPG evaluation: the batched evaluator versus the naive loop the reference code runs.
+
+A ResNet-50 (random weights with perturbed BatchNorm statistics, so that Integrated Gradients is
+not Input x Gradient; REFERENCE section 7) with a spatial linear probe explains 2x2 grids of
+224 px cells. The naive loop calls captum / zennit once per image and target; the batched path
+is what ``evaluation.gridpg.evaluate_gridpg`` does per batch of grids: one backbone forward per
+layer shared by the methods (charged to every method here), all targets of a grid in one call.
+Both must give the same maps; the table shows the largest difference.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295 \\
+        .venv/bin/python bench/gridpg_eval.py [--grids 2] [--intgrad-steps 10]   # the full setting: 50
+
+Last line: the ratio of the method that is slowest in the naive loop (Integrated Gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from evaluation.attribution import create_method
+from probing.heads import create_head
+from probing.model import ProbedModel
+from probing.zoo import staged_backbone
+
+LAYERS = {"ixg": "input", "gradcam": "final", "lrp": "input", "intgrad": "input"}
+
+
+def _model() -> ProbedModel:
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50()
+    with torch.no_grad():
+        for name, buffer in resnet.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    backbone = staged_backbone("resnet50", resnet)
+    head = create_head("linear", backbone.out_channels, 10)
+    model = ProbedModel(backbone, head).eval().requires_grad_(False)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _naive(method: str, model: ProbedModel, x: torch.Tensor, target: int, steps: int) -> torch.Tensor:
+    """One image, one target, the library called the plain way (as the reference code does)."""
+    from captum.attr import InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam
+
+    if method == "ixg":
+        return InputXGradient(model).attribute(x, target=target).sum(dim=1)
+    if method == "intgrad":
+        ig = IntegratedGradients(model)
+        return ig.attribute(x, target=target, n_steps=steps, internal_batch_size=8).sum(dim=1)
+    if method == "gradcam":
+        cam = LayerGradCam(model, model.backbone.stages[4]).attribute(x, target=target)
+        return LayerAttribution.interpolate(cam, x.shape[-2:], "bilinear")[:, 0]
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+    from zennit.torchvision import ResNetCanonizer
+
+    low, high = model.preprocess(torch.zeros_like(x)), model.preprocess(torch.ones_like(x))
+    with Gradient(model, EpsilonGammaBox(low=low, high=high, canonizers=[ResNetCanonizer()])) as attributor:
+        _, relevance = attributor(x.clone().requires_grad_(True), F.one_hot(torch.tensor([target]), 10).float())
+    return relevance.sum(dim=1)
+
+
+def _batched(method: str, model: ProbedModel, grid_inputs: torch.Tensor, targets: torch.Tensor, steps: int):
+    layer, cells = LAYERS[method], len(targets) // len(grid_inputs)
+    with torch.no_grad():
+        shared = model.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+    inputs = grid_inputs.repeat_interleave(cells, dim=0)
+    options = {"n_steps": steps, "internal_batch_size": 8} if method == "intgrad" else {}
+    return create_method(method)(model, inputs, targets, layer=layer, activation=shared, **options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grids", type=int, default=2, help="2x2 grids of 224 px cells to explain")
+    parser.add_argument("--intgrad-steps", type=int, default=10, help="Integrated Gradients steps (reference: 50)")
+    parser.add_argument("--methods", default="ixg,gradcam,lrp,intgrad")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = _model()
+    generator = torch.Generator().manual_seed(1)
+    grids = torch.rand(args.grids, 3, 448, 448, generator=generator).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (args.grids, 4), generator=generator)
+    grid_inputs = model.preprocess(grids)
+    _batched("ixg", model, grid_inputs[:1], targets[0], 1)  # warm-up (allocations, oneDNN kernels)
+
+    rows = []
+    for method in args.methods.split(","):
+        start = time.perf_counter()
+        naive = torch.cat([
+            _naive(method, model, grid_inputs[g : g + 1], int(t), args.intgrad_steps)
+            for g in range(args.grids) for t in targets[g]
+        ])  # fmt: skip
+        naive_s = (time.perf_counter() - start) / args.grids
+        start = time.perf_counter()
+        ours = _batched(method, model, grid_inputs, targets.flatten(), args.intgrad_steps)
+        ours_s = (time.perf_counter() - start) / args.grids
+        difference = float((ours - naive).abs().max() / naive.abs().max())
+        rows.append((method, naive_s, ours_s, naive_s / ours_s, difference))
+        print(f"  {method}: naive {naive_s:.2f} s/grid, batched {ours_s:.2f} s/grid", flush=True)
+
+    print(f"\nGridPG evaluation per 2x2 grid (4 targets), ResNet-50, 448 px, {args.grids} grids, "
+          f"IntGrad {args.intgrad_steps} steps, {torch.get_num_threads()} threads; baseline: the naive loop")  # fmt: skip
+    print(f"{'method':10} {'naive s/grid':>12} {'batched s/grid':>14} {'ratio':>7} {'max |diff| / max |map|':>24}")
+    for method, naive_s, ours_s, ratio, difference in rows:
+        print(f"{method:10} {naive_s:>12.2f} {ours_s:>14.2f} {ratio:>6.2f}x {difference:>24.1e}")
+    slowest = max(rows, key=lambda r: r[1])
+    print(f"GridPG evaluation, batched vs naive (slowest method): {slowest[3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
