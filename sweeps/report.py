@@ -44,7 +44,7 @@ def trial_rows(uri: str, parent_run_id: str) -> list[dict[str, object]]:
             "head": _head_label(params),
             "status": run.info.status,
             "val/accuracy": metrics.get("val/accuracy"),
-            "grids": metrics.get("grids/count"),
+            "grids": None if "grids/count" not in metrics else int(metrics["grids/count"]),
         }
         row |= {k: v for k, v in sorted(metrics.items()) if is_localisation_score(k)}
         rows.append(row)
@@ -55,7 +55,7 @@ def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.0f}" if value.is_integer() and value > 1 else f"{value:.3f}"
+        return f"{value:.3f}"
     return str(value)
 
 
