@@ -108,14 +108,12 @@ class BackboneEntry:
         build: options -> the architecture with initial weights.
         pretrain: for embedded backbones, trains a built one in place at first use (then cached).
         load: for backbones with published weights, ``(backbone, options) -> None`` loads them.
-        layers: the ML-Att layers it exposes.
     """
 
     build: Callable[..., StagedBackbone]
     pretrain: Callable[[StagedBackbone, Callable[[str], None]], None] | None = None  # (backbone, log)
     load: Callable[..., str] | None = None  # (backbone, **options) -> weights digest
     description: str = ""
-    layers: tuple[str, ...] = LAYERS
 
 
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")

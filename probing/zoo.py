@@ -113,6 +113,29 @@ class ViTEmbed(nn.Module):
         return self.vit.encoder.dropout(torch.cat([cls, tokens], dim=1) + self.vit.encoder.pos_embedding)
 
 
+class TokensToMap(nn.Module):
+    """Tokens (B, 1 + h*w, D) -> a spatial map (B, 2D, h, w) that ML-Att methods can treat as an
+    activation: channels [0, D) are the patch tokens; channels [D, 2D) hold the class token divided
+    by h*w at every position, so its share of any attribution is spread evenly over the patches
+    and :class:`MapToTokens` recovers it exactly (as the sum over positions)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls, patches = tokens[:, 0], tokens[:, 1:]
+        side = int(patches.shape[1] ** 0.5)
+        patch_map = patches.transpose(1, 2).reshape(len(tokens), -1, side, side)
+        cls_map = (cls / side**2)[:, :, None, None].expand(-1, -1, side, side)
+        return torch.cat([patch_map, cls_map], dim=1)
+
+
+class MapToTokens(nn.Module):
+    """The inverse of :class:`TokensToMap`."""
+
+    def forward(self, spatial: torch.Tensor) -> torch.Tensor:
+        patch_map, cls_map = spatial.chunk(2, dim=1)
+        cls = cls_map.sum(dim=(2, 3))
+        return torch.cat([cls[:, None], patch_map.flatten(2).transpose(1, 2)], dim=1)
+
+
 class ViTPatchMap(nn.Module):
     """Final LayerNorm, then the patch tokens as a spatial map (B, D, h, w); the class token is dropped."""
 
@@ -137,9 +160,12 @@ def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
         config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": 1, "final": 2})
         return StagedBackbone(stages, config, out_channels=512)
     if arch.startswith("vit"):
-        stages = nn.Sequential(ViTEmbed(model), *model.encoder.layers, ViTPatchMap(model.encoder.ln))
-        # tokens between blocks are not a spatial map with the class token in them: no middle layer
-        config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "final": len(stages)})
+        blocks = list(model.encoder.layers)
+        half = len(blocks) // 2  # middle: after block 6 of 12, as a spatial map (see TokensToMap)
+        stages = nn.Sequential(
+            ViTEmbed(model), *blocks[:half], TokensToMap(), MapToTokens(), *blocks[half:], ViTPatchMap(model.encoder.ln)
+        )
+        config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": half + 2, "final": len(stages)})
         return StagedBackbone(stages, config, out_channels=model.hidden_dim)
     if arch.startswith("bcos"):
         stem = nn.Sequential(model.conv1, model.bn1, *([model.pool] if model.pool is not None else []))
@@ -163,8 +189,7 @@ def _register(name: str, arch: str, make, default_url: str | None, checkpoint_fo
         backbone.load_state_dict(staged_backbone(arch, model).state_dict(), strict=True)
         return file_digest(path)
 
-    layers = ("input", "final") if arch.startswith("vit") else ("input", "middle", "final")
-    BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description, layers=layers))
+    BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description))
 
 
 def _bcos_resnet50() -> nn.Module:

@@ -101,7 +101,7 @@ def test_vgg11_layers_follow_ml_att(tmp_path):
     assert torch.allclose(backbone(x), reference.features(x), atol=1e-5) and backbone.out_channels == 512
 
 
-def test_vit_b_16_gives_a_patch_map_and_has_no_middle_layer(tmp_path):
+def test_vit_b_16_gives_a_patch_map_and_a_middle_layer_that_keeps_the_class_token(tmp_path):
     reference = torchvision.models.vit_b_16().eval()
     path = tmp_path / "vit.pth"
     torch.save(reference.state_dict(), path)
@@ -111,8 +111,14 @@ def test_vit_b_16_gives_a_patch_map_and_has_no_middle_layer(tmp_path):
     assert features.shape == (1, 768, 14, 14)
     tokens = reference.encoder(torch.cat([reference.class_token, reference._process_input(x)], dim=1))
     assert torch.allclose(features.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-4)
-    with pytest.raises(ValueError, match="unknown layer 'middle': known are input, final"):
-        backbone.forward_to(x, "middle")
+    middle = backbone.forward_to(x, "middle")
+    assert middle.shape == (1, 1536, 14, 14)  # patch tokens, then the class token spread over positions
+    torch.testing.assert_close(backbone.forward_from(middle, "middle"), features, rtol=1e-4, atol=1e-4)
+    # attribution at the middle layer is complete: x * grad sums to what a linear readout gives
+    middle = middle.detach().requires_grad_(True)
+    readout = backbone.forward_from(middle, "middle").mean()
+    (grad,) = torch.autograd.grad(readout, middle)
+    assert grad[:, 768:].std(dim=(2, 3)).max() < 1e-6  # the class token's gradient is the same everywhere
 
 
 def test_bcos_resnet50_checkpoint_loads_with_its_6_channel_input(tmp_path):
