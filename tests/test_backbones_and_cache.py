@@ -1,7 +1,8 @@
 """Embedded data, the pre-trained backbone cache and the feature cache."""
 
-import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,26 +107,33 @@ def test_feature_cache_rebuilds_on_a_split_mismatch():
     assert len(features) == 4 and any("has 6 rows, the split 4 images" in m for m in log)
 
 
-def _cache_worker(cache: str, barrier, out: str) -> None:
-    os.environ["PROBESWEEP_CACHE"] = cache
-    log = []
-    barrier.wait()  # both ask at the same moment
-    cached_features(_untrained_backbone(), _tiny_split(), "tiny", "train", log=log.append)
-    Path(out).write_text("\n".join(log))
+CACHE_WORKER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_backbones_and_cache import _tiny_split, _untrained_backbone
+from probing.features import cached_features
+while time.time() < {start}:  # both ask at the same moment
+    time.sleep(0.001)
+log = []
+cached_features(_untrained_backbone(), _tiny_split(), "tiny", "train", log=log.append)
+print("\\n".join(log))
+"""
 
 
 def test_concurrent_requests_compute_the_features_once(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(2)
-    outs = [tmp_path / f"log{i}.txt" for i in range(2)]
-    workers = [context.Process(target=_cache_worker, args=(str(tmp_path / "cache"), barrier, str(o))) for o in outs]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert [w.exitcode for w in workers] == [0, 0]
-    logs = [o.read_text() for o in outs]
-    assert sum("computing" in log for log in logs) == 1  # one computed, the other waited and read
+    """Two processes ask for the same features at once: one computes, the other waits and reads."""
+    import time
+
+    code = CACHE_WORKER.format(tests=str(Path(__file__).parent), start=time.time() + 8)
+    env = {**os.environ, "PROBESWEEP_CACHE": str(tmp_path / "cache")}
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outputs = [w.communicate(timeout=120)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0]
+    assert sum("computing" in out for out in outputs) == 1
 
 
 def _linear_probe_accuracy(backbone) -> float:

@@ -17,9 +17,12 @@ PROBESWEEP = [sys.executable, "-m", "sweeps.cli"]
 def test_demo_spec_expands_to_its_grid():
     spec = load_spec(DEMO_SPEC)
     trials = spec.trials()
-    assert len(trials) == 4
-    assert {(t["loss"], t["head"]["type"]) for t in trials} == {
-        ("ce", "linear"), ("ce", "mlp"), ("bce", "linear"), ("bce", "mlp")
+    assert len(trials) == 12
+    assert {(t["backbone"]["name"], t["loss"], t["head"]["type"]) for t in trials} == {
+        (b, loss, head)
+        for b in ("tiny_resnet_sup", "tiny_resnet_ssl", "tiny_bcos_resnet")
+        for loss in ("ce", "bce")
+        for head in ("linear", "bcos")
     }
     assert spec.train.seed == [0] and spec.probe.logit_bias == "auto"
 
@@ -95,7 +98,7 @@ BAD_SPECS = [
     ("train.lr", -1, "train.lr: must be > 0, got -1"),
     ("train.epochs", "ten", "train.epochs: must be an integer, got 'ten'"),
     ("train.epoch", 3, "train.epoch: unknown key"),
-    ("train.warmup_epochs", 10, "train.warmup_epochs: must be < epochs (10), got 10"),
+    ("train.warmup_epochs", 30, "train.warmup_epochs: must be < epochs (30), got 30"),
     ("train.seed", [0, 1.5], "train.seed[1]: must be an integer, got 1.5"),
     ("evaluate.layers", ["input", "fc"], "evaluate.layers[1]: unknown layer 'fc': known are input, middle, final"),
     (
@@ -106,7 +109,12 @@ BAD_SPECS = [
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
-    ("evaluate.metrics", ["epg"], "evaluate.metrics[0]: must be one of 'gridpg', 'difull' or 'dipart', got 'epg'"),
+    ("evaluate.metrics", ["pg"], "evaluate.metrics[0]: must be one of 'gridpg', 'difull', 'dipart' or 'epg', got 'pg'"),
+    (
+        "evaluate.metrics",
+        ["epg"],
+        "evaluate.metrics: 'epg' needs a data set with boxes (voc2007, coco2014), not 'digits'",
+    ),
     ("evaluate.smoothing", "ref", "evaluate.smoothing: must be one of 'none' or 'reference', got 'ref'"),
     (
         "evaluate.smoothing",
@@ -131,7 +139,7 @@ def test_smoothing_settings_resolve_per_method():
 
     reference = parse_spec(_with("evaluate.smoothing", "reference")).evaluate
     assert reference.smoothing_per_method() == {
-        "ixg": Smoothing("gaussian", 129, 129 / 4), "gradcam": Smoothing("avgpool", 5)
+        "ixg": Smoothing("gaussian", 129, 129 / 4), "bcos": Smoothing("avgpool", 5), "gradcam": Smoothing("avgpool", 5)
     }
     custom = parse_spec(_with("evaluate.smoothing", {"gradcam": {"kind": "gaussian", "kernel": 9, "sigma": 2}}))
     assert custom.evaluate.smoothing_per_method() == {"gradcam": Smoothing("gaussian", 9, 2.0)}
@@ -179,7 +187,7 @@ def _cli(*args, cwd):
 
 def test_cli_validate_reports_trials_or_problems(tmp_path):
     ok = _cli("validate", str(DEMO_SPEC), cwd=tmp_path)
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{DEMO_SPEC}: ok, 4 trials"
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{DEMO_SPEC}: ok, 12 trials"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_with("probe.loss", ["ce", "focal"])))
     result = _cli("validate", str(bad), cwd=tmp_path)
