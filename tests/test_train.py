@@ -123,3 +123,20 @@ def test_augment_path_embeds_every_batch_through_the_given_function():
     )  # fmt: skip
     trainer.run_epoch()
     assert calls == [16, 16, 16, 16]
+
+
+def test_a_trial_with_augment_trains_through_the_backbone_on_augmented_images():
+    """``train.augment: true``: the trial's trainer embeds augmented train images every batch
+    (no train feature cache) and still learns; validation uses the cached val features."""
+    from sweeps.spec import parse_spec
+    from sweeps.trainable import _trial_inputs
+
+    spec = parse_spec({"name": "aug", "backbones": "tiny_resnet_sup", "train": {"epochs": 2, "lr": 0.05, "augment": True}})
+    (trial,) = spec.trials()
+    config = {**trial, "logit_bias": "auto", "data": spec.data.model_dump(), "train": spec.train.model_dump(exclude={"seed"})}
+    backbone, val, loss, trainer = _trial_inputs(config)
+    assert trainer.embed is not None and trainer.train_features is not None
+    first = trainer.train_features[0:4]
+    assert first.shape == (4, 3, 32, 32) and not torch.equal(first, trainer.train_features[0:4])  # random shifts
+    metrics = [trainer.run_epoch() for _ in range(2)]
+    assert metrics[-1]["val/accuracy"] > 0.5
