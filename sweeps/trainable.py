@@ -27,7 +27,7 @@ from probing.heads import create_head, default_logit_bias
 from probing.losses import create_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
-from sweeps.spec import EvaluateSpec, head_options
+from sweeps.spec import DataSpec, EvaluateSpec, head_options
 from sweeps.tracking import TrialRun, flatten
 
 __all__ = ["probe_trial", "RUNTIME_KEY"]
@@ -39,9 +39,8 @@ GALLERY = 8  # example explanations per (setting, method, layer)
 
 def _trial_inputs(config: dict[str, Any]):
     """Backbone, train/val splits and their cached features, head, loss: all from the config."""
-    data, train_spec = dict(config["data"]), dict(config["train"])
-    dataset = data.pop("dataset")
-    data_options = {k: v for k, v in data.items() if v is not None and not (k == "skip_corrupt" and not v)}
+    data, train_spec = DataSpec.model_validate(config["data"]), dict(config["train"])
+    dataset, data_options = data.dataset, data.options()
     backbone_options = {k: v for k, v in config["backbone"].items() if k != "name"}
     backbone = create_backbone(config["backbone"]["name"], **backbone_options)
     train, val = (create_dataset(dataset, split, **data_options) for split in ("train", "val"))
