@@ -12,10 +12,9 @@ from typing import Callable
 
 import torch
 
-from evaluation.attribution import create_method
-from evaluation.gridpg import method_layer_pairs
+from evaluation.gridpg import explain_pairs, method_layer_pairs
 from evaluation.localization import energy_pointing_game
-from evaluation.smoothing import Smoothing, smooth
+from evaluation.smoothing import Smoothing
 
 __all__ = ["box_mask", "epg_rows", "evaluate_epg"]
 
@@ -90,18 +89,16 @@ def evaluate_epg(
         targets = torch.tensor([c for _, c in batch], device=device)
         height, width = inputs.shape[-2:]
         masks = torch.stack([box_mask(boxes[i], c, height, width) for i, c in batch]).to(device)
-        for layer in dict.fromkeys(layer for _, layer in pairs):
-            with torch.no_grad():
-                shared = model.forward_to(inputs, layer)[which]
-            for method in (m for m, l in pairs if l == layer):
-                attribution = create_method(method)
-                options = {"probabilities": activation} if attribution.uses_probabilities else {}
-                maps = attribution(model, inputs[which], targets, layer=layer, activation=shared, **options)
-                maps = smooth(maps, smoothing.get(method, Smoothing()))
-                score = energy_pointing_game(maps, masks)
-                scores[(method, layer)].append(score.cpu())
-                if on_maps is not None:
-                    on_maps(("epg", method, layer), maps.detach(), targets, score, pictures[which.cpu()])
+        def shared_activation(layer: str) -> torch.Tensor:  # one forward per image serves all its classes
+            return model.forward_to(inputs, layer)[which]
+
+        for method, layer, maps in explain_pairs(
+            model, inputs[which], targets, pairs, shared_activation, activation, smoothing
+        ):
+            score = energy_pointing_game(maps, masks)
+            scores[(method, layer)].append(score.cpu())
+            if on_maps is not None:
+                on_maps(("epg", method, layer), maps.detach(), targets, score, pictures[which.cpu()])
     for (method, layer), values in scores.items():
         if values:
             metrics[f"epg/{method}/{layer}"] = torch.cat(values).mean().item()

@@ -6,7 +6,7 @@ DiPart on the grid models of :mod:`evaluation.grid_models`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,12 +17,33 @@ from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
 from evaluation.smoothing import Smoothing, smooth
 
-__all__ = ["evaluate_gridpg", "method_layer_pairs", "predict_probabilities"]
+__all__ = ["evaluate_gridpg", "explain_pairs", "method_layer_pairs", "predict_probabilities"]
 
 
 def method_layer_pairs(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
     """Every (method, layer) pair at which the method is defined, in the given order."""
     return [(m, layer) for m in methods for layer in layers if layer in create_method(m).layers]
+
+
+def explain_pairs(
+    model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    pairs: list[tuple[str, str]],
+    shared_activation: Callable[[str], torch.Tensor],
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    smoothing: dict[str, Smoothing],
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield ``(method, layer, smoothed maps)`` for every pair, layer by layer: one forward to each
+    layer (``shared_activation(layer)``, the activation of ``inputs`` there) serves every method."""
+    for layer in dict.fromkeys(layer for _, layer in pairs):
+        with torch.no_grad():
+            shared = shared_activation(layer)
+        for method in (m for m, l in pairs if l == layer):
+            attribution = create_method(method)
+            options = {"probabilities": probabilities} if attribution.uses_probabilities else {}
+            maps = attribution(model, inputs, targets, layer=layer, activation=shared, **options)
+            yield method, layer, smooth(maps, smoothing.get(method, Smoothing()))
 
 
 @torch.no_grad()
@@ -96,20 +117,18 @@ def evaluate_gridpg(
         cell_index = torch.arange(cells, device=device).repeat(len(grid_inputs))
         for setting in settings:
             explained = grid_model(setting, model, grid, cell_index)
-            for layer in dict.fromkeys(layer for _, layer in pairs):
-                # one backbone forward per grid serves every method and every target at this layer
-                with torch.no_grad():
-                    first_rows = model_rows(explained, torch.arange(0, len(inputs), cells))
-                    shared = first_rows.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
-                for method in (m for m, l in pairs if l == layer):
-                    attribution = create_method(method)
-                    options = {"probabilities": activation} if attribution.uses_probabilities else {}
-                    maps = attribution(explained, inputs, targets, layer=layer, activation=shared, **options)
-                    maps = smooth(maps, smoothing.get(method, Smoothing()))
-                    score = grid_pointing_game(maps, grid, cell_index)
-                    scores[(setting, method, layer)].append(score.cpu())
-                    if on_maps is not None:
-                        on_maps((setting, method, layer), maps.detach(), cell_index, score, grid_images)
+            first_rows = model_rows(explained, torch.arange(0, len(inputs), cells))
+
+            def shared_activation(layer: str) -> torch.Tensor:  # one forward per grid serves all its targets
+                return first_rows.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+
+            for method, layer, maps in explain_pairs(
+                explained, inputs, targets, pairs, shared_activation, activation, smoothing
+            ):
+                score = grid_pointing_game(maps, grid, cell_index)
+                scores[(setting, method, layer)].append(score.cpu())
+                if on_maps is not None:
+                    on_maps((setting, method, layer), maps.detach(), cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
         metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return metrics
