@@ -105,12 +105,13 @@ class BackboneEntry:
     """A registered backbone.
 
     Attributes:
-        build: options -> the architecture with initial weights.
+        build: () -> the architecture with initial weights.
         pretrain: for embedded backbones, trains a built one in place at first use (then cached).
-        load: for backbones with published weights, ``(backbone, options) -> None`` loads them.
+        load: for backbones with published weights, ``(backbone, **options) -> weights digest``
+            loads them (options: ``weights``, ``checkpoint_format``).
     """
 
-    build: Callable[..., StagedBackbone]
+    build: Callable[[], StagedBackbone]
     pretrain: Callable[[StagedBackbone, Callable[[str], None]], None] | None = None  # (backbone, log)
     load: Callable[..., str] | None = None  # (backbone, **options) -> weights digest
     description: str = ""
