@@ -78,7 +78,8 @@ def _progress_callback(total: int, log: Callable[[str], None]):
     from ray import tune
 
     class Progress(tune.Callback):
-        """One line per finished or failed trial instead of Ray's status dump."""
+        """One line per finished or failed trial, with the sweep's running and failed counts and the
+        best val accuracy so far, instead of Ray's status dump."""
 
         def __init__(self):
             self.done = 0
@@ -87,6 +88,17 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             # counted from the trials' states, so that a resumed sweep counts its earlier trials
             ended = {"TERMINATED", "ERROR"}
             self.done = sum(t.status in ended for t in trials) + (trial.status not in ended)
+
+        @staticmethod
+        def _status(trials, trial, failed_now: bool) -> str:
+            """`` | running R, failed F, best val acc X (trial)`` over all trials, this one counted as ended."""
+            others = [t for t in trials if t is not trial]
+            running = sum(t.status == "RUNNING" for t in others)
+            failed = sum(t.status == "ERROR" for t in others) + failed_now
+            finished = [t for t in others if t.status == "TERMINATED"] + ([] if failed_now else [trial])
+            scored = [(t.last_result["val/accuracy"], t.trial_id) for t in finished if "val/accuracy" in (t.last_result or {})]
+            best = f", best val acc {max(scored)[0]:.3f} ({max(scored)[1]})" if scored else ""
+            return f" | running {running}, failed {failed}{best}"
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._count(trials, trial)
@@ -98,11 +110,15 @@ def _progress_callback(total: int, log: Callable[[str], None]):
                 f"{head_label(trial.config['head'])}: "
                 f"val acc {result.get('val/accuracy', float('nan')):.3f}" + "".join(f", {c}" for c in counted)
                 + (f", {scores}" if scores else "")
+                + self._status(trials, trial, failed_now=False)
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._count(trials, trial)
-            log(f"[{self.done}/{total}] {trial.trial_id} FAILED: see {trial.local_path or trial.path}/error.txt")
+            log(
+                f"[{self.done}/{total}] {trial.trial_id} FAILED: see {trial.local_path or trial.path}/error.txt"
+                + self._status(trials, trial, failed_now=True)
+            )
 
     return Progress()
 

@@ -54,6 +54,8 @@ def sweep(tmp_path_factory, session_root):
 def test_sweep_prints_results_and_the_ui_command(sweep):
     workdir, result = sweep
     assert result.stderr.count("[") >= 2 and "[2/2]" in result.stderr  # one progress line per trial
+    last = next(line for line in result.stderr.splitlines() if line.startswith("[2/2]"))
+    assert "| running 0, failed 0, best val acc 0." in last  # the sweep's state after the last trial
     assert "gridpg/ixg/input" in result.stdout and result.stdout.count("FINISHED") == 2
     ui_line = f"ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1 --port 5000"
     assert ui_line in result.stdout

@@ -28,6 +28,7 @@ def test_a_diverged_trial_is_recorded_as_failed(tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED: see" in result.stderr and "1 of 1 trials failed" in result.stderr
+    assert "error.txt | running 0, failed 1" in result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
