@@ -33,20 +33,44 @@ def _load(config: Path):
         raise typer.Exit(2) from None
 
 
-def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str) -> None:
+def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None) -> None:
+    """The trials best first, the Pareto front with run links, how to open the UI; with
+    ``output``, also ``summary.csv`` and ``pareto.png`` there."""
+    from mlflow import MlflowClient
     from rich.console import Console
 
-    from sweeps.report import render_table, trial_rows
-    from sweeps.tracking import runs_table_url, ui_command
+    from sweeps.report import front_rows, pareto_figure, render_table, sort_rows, summary_csv, trial_rows
+    from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
 
-    table = render_table(trial_rows(uri, parent_run_id), title=title)
+    objectives = sweep_objectives(MlflowClient(uri).get_run(parent_run_id))
+    rows = sort_rows(trial_rows(uri, parent_run_id, list(objectives)), objectives)
+    named = ", ".join(f"{m} ({d})" for m, d in objectives.items())
+    table = render_table(rows, title=f"{title}, best first by {named}")
     # as wide as the table needs: a results table with cut-off metric names is useless
     needed = Console(width=100_000).measure(table).maximum
     console = Console(width=max(Console().width, needed))
     console.print(table)
+    front = front_rows(rows, objectives)
+    console.print(f"Pareto front of {named}: {len(front)} trial(s)", highlight=False)
+    for row in front:
+        values = ", ".join(f"{m} {row[m]:.3f}" for m in objectives)
+        console.print(f"  {row['trial']} {row['backbone']} {row['loss']} {row['head']}: {values}", highlight=False)
+        console.print(f"    {run_url(uri, experiment_id, str(row['_run_id']))}", highlight=False, soft_wrap=True)
+    if output is not None:
+        import matplotlib.pyplot as plt
+
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "summary.csv").write_text(summary_csv(rows))
+        figure = pareto_figure(rows, objectives, title)
+        figure.savefig(output / "pareto.png")
+        plt.close(figure)
+        console.print(f"Wrote {output / 'summary.csv'} and {output / 'pareto.png'}", highlight=False, soft_wrap=True)
+    if uri.startswith(("http://", "https://")):  # the tracking server serves its own UI
+        console.print(f"Open the runs in the tracking server's UI: {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
+        return
     console.print("Open the MLflow UI on this store:", highlight=False)
     console.print(f"  {' '.join(ui_command(uri))}", highlight=False, soft_wrap=True)
-    console.print(f"  then open {runs_table_url(experiment_id)}", highlight=False, soft_wrap=True)
+    console.print(f"  then open {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
     console.print("  (or run: probesweep ui)", highlight=False)
 
 
@@ -88,6 +112,8 @@ def _finish(start) -> None:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}")
+    if outcome.interrupted:
+        raise typer.Exit(130)  # the shell's code for Ctrl-C
     if outcome.n_failed:
         typer.echo(f"{outcome.n_failed} of {outcome.n_trials} trials failed (their MLflow runs hold the error)", err=True)
         raise typer.Exit(1)
@@ -102,15 +128,20 @@ def validate(
 
     config = config or DEMO_SPEC
     spec = _load(config)
-    typer.echo(f"{config}: ok, {len(spec.trials())} trials")
+    per_point = f", {spec.search.num_samples} draws per grid point" if spec.search.algorithm == "random" else ""
+    typer.echo(f"{config}: ok, {spec.n_trials()} trials ({spec.search.algorithm} search{per_point})")
 
 
 @app.command()
 def report(
     name: Annotated[str, typer.Argument(help="Sweep name (as printed by `probesweep run`).")],
     tracking_uri: TrackingUri = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Folder for summary.csv and pareto.png. Default: ./reports/<name>.")
+    ] = None,
 ) -> None:
-    """Print the results table of a finished or running sweep from MLflow."""
+    """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
+    and write the table and the front's plot."""
     from sweeps.tracking import find_sweep_run
 
     uri = _uri(tracking_uri)
@@ -118,7 +149,8 @@ def report(
     if parent is None:
         typer.echo(f"no sweep named {name!r} in {uri}", err=True)
         raise typer.Exit(2)
-    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})")
+    output = output or Path.cwd() / "reports" / name
+    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output)
 
 
 @app.command()

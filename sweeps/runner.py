@@ -8,6 +8,7 @@ already failed in ``sweeps.spec`` before this module is reached.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ class SweepOutcome:
     n_trials: int
     n_failed: int
     storage_path: str
+    interrupted: bool = False
 
 
 def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
@@ -55,17 +57,12 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
 
 
 def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
-    """Ray Tune's param space: grid axes for backbone, loss, head and seed; the rest fixed."""
-    from ray import tune
-
+    """What every trial's config shares; the searcher (``sweeps.search``) adds what varies:
+    backbone, loss, head, seed and ``train.{lr, weight_decay}``."""
     from sweeps.trainable import RUNTIME_KEY
 
-    train = spec.train.model_dump(exclude={"seed"})
+    train = spec.train.model_dump(exclude={"seed", "lr", "weight_decay"})
     return {
-        "backbone": tune.grid_search([b.model_dump(exclude_none=True) for b in spec.backbones]),
-        "loss": tune.grid_search(spec.probe.loss),
-        "head": tune.grid_search([h.model_dump(exclude_none=True) for h in spec.probe.head]),
-        "seed": tune.grid_search(spec.train.seed),
         "logit_bias": spec.probe.logit_bias,
         "data": spec.data.model_dump(),
         "train": train,
@@ -74,8 +71,12 @@ def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
     }
 
 
-def _progress_callback(total: int, log: Callable[[str], None]):
+def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], None]):
     from ray import tune
+
+    from sweeps.tracking import close_trial_runs
+
+    total = outcome.n_trials
 
     class Progress(tune.Callback):
         """One line per finished or failed trial, with the sweep's running and failed counts and the
@@ -83,6 +84,9 @@ def _progress_callback(total: int, log: Callable[[str], None]):
 
         def __init__(self):
             self.done = 0
+            # what Ray reported through on_trial_complete/error: (Ray status, last epoch) by trial id.
+            # Trial.status alone cannot tell: Ray marks the trials it stops on Ctrl-C TERMINATED too.
+            self.ended: dict[str, tuple[str, int]] = {}
 
         def _count(self, trials, trial) -> None:
             # counted from the trials' states, so that a resumed sweep counts its earlier trials
@@ -100,14 +104,23 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             best = f", best val acc {max(scored)[0]:.3f} ({max(scored)[1]})" if scored else ""
             return f" | running {running}, failed {failed}{best}"
 
+        def on_experiment_end(self, trials, **info):
+            """Close the runs of trials that Ray ended but that could not close their own: stopped
+            early by the scheduler, or interrupted by Ctrl-C (called on both ways out)."""
+            close_trial_runs(outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id, self.ended, epochs)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._count(trials, trial)
             result = trial.last_result or {}
-            scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k))
+            self.ended[trial.trial_id] = ("TERMINATED", int(result.get("epoch", 0)))
+            stopped = f"stopped early at epoch {result['epoch']}, " if result.get("epoch", epochs) < epochs else ""
+            scores = ", ".join(
+                f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k) and not math.isnan(v)
+            )
             counted = [f"{int(result[k])} {k.split('/')[0]}" for k in ("grids/count", "epg/rows") if k in result]
             log(
                 f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
-                f"{head_label(trial.config['head'])}: "
+                f"{head_label(trial.config['head'])}: {stopped}"
                 f"val acc {result.get('val/accuracy', float('nan')):.3f}" + "".join(f", {c}" for c in counted)
                 + (f", {scores}" if scores else "")
                 + self._status(trials, trial, failed_now=False)
@@ -115,6 +128,7 @@ def _progress_callback(total: int, log: Callable[[str], None]):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._count(trials, trial)
+            self.ended[trial.trial_id] = ("ERROR", int((trial.last_result or {}).get("epoch", 0)))
             log(
                 f"[{self.done}/{total}] {trial.trial_id} FAILED: see {trial.local_path or trial.path}/error.txt"
                 + self._status(trials, trial, failed_now=True)
@@ -178,12 +192,12 @@ def run_sweep(
     storage = Path(spec.storage or workdir / "ray_results").expanduser().resolve()
     if (storage / name).exists():
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
-    n_trials = len(spec.trials())
+    n_trials = spec.n_trials()
 
     prepare_caches(spec, log)
     experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials)
+    parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
     outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
     runtime = {
         "tracking_uri": uri,
@@ -191,28 +205,32 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "cache_dir": str(cache_dir()),
         "threads": max(1, int(spec.resources.cpu)),
+        "objectives": list(spec.search.objectives),
     }
     (storage / name).mkdir(parents=True)
     record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome)}
     (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
-    log(f"sweep {name}: {n_trials} trials, MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
+    log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
 
     def new_tuner():
         from ray import tune
 
+        from sweeps.search import tune_config
+
         return tune.Tuner(
             _trainable(spec),
             param_space=trial_param_space(spec, runtime),
+            tune_config=tune_config(spec, storage / name, name),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
                 verbose=0,
-                callbacks=[_progress_callback(n_trials, log)],
+                callbacks=[_progress_callback(outcome, spec.train.epochs, log)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
 
-    return _drive(outcome, new_tuner, address, log)
+    return _drive(outcome, spec, new_tuner, address, log)
 
 
 def resume_sweep(
@@ -243,7 +261,7 @@ def resume_sweep(
     def restored_tuner():
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
-    return _drive(outcome, restored_tuner, address, log)
+    return _drive(outcome, spec, restored_tuner, address, log)
 
 
 def _trainable(spec: SweepSpec):
@@ -254,26 +272,45 @@ def _trainable(spec: SweepSpec):
     return tune.with_resources(probe_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def _drive(outcome: SweepOutcome, make_tuner, address: str | None, log: Callable[[str], None]) -> SweepOutcome:
-    """Start (or join) Ray, fit the tuner, shut Ray down, and close the sweep's MLflow run."""
+def _drive(outcome: SweepOutcome, spec: SweepSpec, make_tuner, address: str | None, log: Callable[[str], None]) -> SweepOutcome:
+    """Start (or join) Ray, fit the tuner, shut Ray down, log the sweep's summary and Pareto front
+    to its MLflow run and close it.
+
+    Ctrl-C: Ray Tune stops the trials and saves the experiment; the sweep's run is KILLED and
+    ``probesweep resume`` continues it (a second Ctrl-C stops at once, with the same result).
+    """
     import ray
     from mlflow import MlflowClient
 
+    from sweeps.report import log_sweep_summary
+    from sweeps.tracking import close_trial_runs
+
     log_file = Path(outcome.storage_path) / "driver.log"
     log(f"Ray's own messages go to {log_file}")
-    status, failed = "FAILED", outcome.n_trials
+    status, failed, interrupted = "FAILED", outcome.n_trials, False
     try:
         with ray_output_to(log_file) as reroute:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             reroute()
             try:
-                failed = make_tuner().fit().num_errors
+                results = make_tuner().fit()
             finally:
                 ray.shutdown()
-        status = "FINISHED" if failed == 0 else "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+        failed = results.num_errors
+        interrupted = results.num_terminated + failed < outcome.n_trials
+        status = "KILLED" if interrupted else "FINISHED" if failed == 0 else "FAILED"
+    except KeyboardInterrupt:  # a second Ctrl-C, while Ray Tune was saving its state
+        status, interrupted = "KILLED", True
         raise
-    finally:  # never leave the sweep's run RUNNING
-        MlflowClient(outcome.tracking_uri).set_terminated(outcome.parent_run_id, status)
-    return replace(outcome, n_failed=failed)
+    finally:  # never leave a run of the sweep RUNNING
+        uri = outcome.tracking_uri
+        close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {}, spec.train.epochs)
+        try:
+            front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives)
+            log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")
+        except Exception as err:  # the trials' results are in MLflow whatever happens here
+            log(f"could not log the sweep's summary to MLflow: {err}")
+        MlflowClient(uri).set_terminated(outcome.parent_run_id, status)
+    if interrupted:
+        log(f"sweep {outcome.name} interrupted: continue it with `probesweep resume {outcome.name}`")
+    return replace(outcome, n_failed=failed, interrupted=interrupted)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     AfterValidator,
@@ -34,6 +35,8 @@ from probing.datasets import DATASETS
 from probing.heads import HEADS
 from probing.losses import LOSSES
 from probing.registry import Registry
+from sweeps.spec_files import SpecError, expand_variables, problem_lines
+from sweeps.space import Range, axis_values, draw, range_paths, search_axis, searchable
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
 
@@ -119,10 +122,10 @@ class HeadSpec(Strict):
     """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``, ``{type: bcos, depth: 2, bcos_b: 2.5}``."""
 
     type: _registered(HEADS)
-    depth: int | None = None
-    width: Annotated[int, Field(ge=1)] | None = None
-    bcos_b: Annotated[float, Field(ge=1)] | None = None
-    max_out: Annotated[int, Field(ge=1)] | None = None
+    depth: searchable(int) | None = None
+    width: searchable(int, ge=1) | None = None
+    bcos_b: searchable(float, ge=1) | None = None
+    max_out: searchable(int, ge=1) | None = None
     input: Literal["spatial", "pooled"] | None = None  # default spatial: pool after the head
 
     @field_validator("depth", "width", "bcos_b", "max_out")
@@ -133,8 +136,9 @@ class HeadSpec(Strict):
         if v is not None and head_type not in allowed[info.field_name]:
             raise ValueError(f"applies to {' and '.join(allowed[info.field_name])} heads only, not to {head_type!r}")
         minimum = {"mlp": 2, "bcos": 1}.get(head_type)
-        if info.field_name == "depth" and v is not None and v < minimum:
-            raise ValueError(f"{head_type} heads need depth >= {minimum}, got {v}")
+        lowest = v.low if isinstance(v, Range) else v
+        if info.field_name == "depth" and v is not None and lowest < minimum:
+            raise ValueError(f"{head_type} heads need depth >= {minimum}, got {lowest:g}")
         return v
 
     def options(self) -> dict[str, Any]:
@@ -154,7 +158,13 @@ def head_options(head: dict[str, Any]) -> dict[str, Any]:
 def head_label(head: dict[str, Any]) -> str:
     """``{type: mlp, depth: 2, width: 256}`` -> ``mlp-d2-w256`` (tables and progress lines)."""
     marks = {"depth": "d", "width": "w", "bcos_b": "b", "max_out": "m"}
-    parts = [str(head.get("type", "?"))] + [f"{m}{head[k]}" for k, m in marks.items() if head.get(k) is not None]
+
+    def shown(value: Any) -> str:  # a range in a spec's head: b1..3; a drawn value: b1.23
+        if isinstance(value, dict):
+            return f"{value['low']:g}..{value['high']:g}"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    parts = [str(head.get("type", "?"))] + [f"{m}{shown(head[k])}" for k, m in marks.items() if head.get(k) is not None]
     return "-".join(parts + ([head["input"]] if head.get("input") == "pooled" else []))
 
 
@@ -192,8 +202,8 @@ class ProbeSpec(Strict):
 class TrainSpec(Strict):
     epochs: Annotated[int, Field(ge=1)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 256
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: search_axis(float, gt=0) = 1e-3  # a value, grid values [..] or a range {low, high, log}
+    weight_decay: search_axis(float, ge=0) = 0.0
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     seed: _axis(int) = [0]
     optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum 0.9, x0.1 at 60% and 80%
@@ -269,8 +279,31 @@ class EvaluateSpec(Strict):
         return self
 
 
+EPOCH_METRICS = ("val/accuracy", "val/loss", "train/accuracy", "train/loss")  # reported every epoch
+
+
+class SchedulerSpec(Strict):
+    """ASHA early stopping on one metric that every epoch reports."""
+
+    type: Literal["asha"] = "asha"
+    metric: Literal[EPOCH_METRICS] = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    grace_period: Annotated[int, Field(ge=1)] = 1  # epochs every trial runs before it can be stopped
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
 class SearchSpec(Strict):
-    algorithm: Literal["grid"] = "grid"
+    """How trials are chosen. grid: every combination of the lists; random: ``num_samples`` draws
+    of the ranges per combination of the lists; optuna: ``num_samples`` trials chosen by TPE over
+    lists (as choices) and ranges, towards the objectives (several: a Pareto front)."""
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    # what "best" means: for the report's order and Pareto front, and what Optuna optimises
+    objectives: Annotated[dict[str, Literal["max", "min"]], Field(min_length=1)] = {"val/accuracy": "max"}
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: as many as the resources allow
+    scheduler: SchedulerSpec | None = None
 
 
 class ResourcesSpec(Strict):
@@ -281,6 +314,9 @@ class ResourcesSpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = None  # default: sqlite:///<working directory>/mlflow.db
     experiment: str | None = None  # default: the sweep name
+
+
+INTEGER_HEAD_OPTIONS = ("depth", "width", "max_out")
 
 
 class SweepSpec(Strict):
@@ -302,13 +338,78 @@ class SweepSpec(Strict):
             raise ValueError(f"{v!r} is not a sweep name: use up to 64 letters, digits, '_', '.', '-'")
         return v
 
+    def n_trials(self) -> int:
+        """How many trials the sweep runs."""
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples
+        return len(self.trials())
+
     def trials(self) -> list[dict[str, Any]]:
-        """The grid: one dict per trial over backbone x loss x head x seed."""
-        axes = itertools.product(self.backbones, self.probe.loss, self.probe.head, self.train.seed)
+        """The trials of grid or random search, each a dict of what varies between trials.
+
+        Grid: every combination of backbone x loss x head x seed x lr x weight_decay. Random: that
+        grid with ``search.num_samples`` draws of the ranges per point, seeded by ``search.seed``.
+        """
+        if self.search.algorithm == "optuna":
+            raise ValueError("an Optuna search chooses its trials as it runs: they cannot be listed in advance")
+        rng = np.random.default_rng(self.search.seed)
+        repeats = self.search.num_samples if self.search.algorithm == "random" else 1
+        axes = itertools.product(
+            self.backbones, self.probe.loss, self.probe.head, self.train.seed,
+            axis_values(self.train.lr), axis_values(self.train.weight_decay),
+        )  # fmt: skip
         return [
-            {"backbone": b.model_dump(exclude_none=True), "loss": loss, "head": head.model_dump(exclude_none=True), "seed": seed}
-            for b, loss, head, seed in axes
+            self.trial(backbone, loss, head, seed, lr, weight_decay, rng)
+            for backbone, loss, head, seed, lr, weight_decay in axes
+            for _ in range(repeats)
         ]
+
+    @staticmethod
+    def trial(backbone, loss, head, seed, lr, weight_decay, rng: np.random.Generator) -> dict[str, Any]:
+        """One trial's varying settings, ranges drawn with ``rng``."""
+        head_config = {
+            k: draw(v, rng, integer=k in INTEGER_HEAD_OPTIONS) for k, v in head if v is not None
+        }
+        return {
+            "backbone": backbone.model_dump(exclude_none=True),
+            "loss": loss,
+            "head": head_config,
+            "seed": seed,
+            "train": {"lr": draw(lr, rng), "weight_decay": draw(weight_decay, rng)},
+        }
+
+    def known_metrics(self) -> list[str]:
+        """The metrics every trial logs last: per-epoch ones and ``<metric>/<method>/<layer>``."""
+        scores = [
+            f"{metric}/{method}/{layer}"
+            for metric in self.evaluate.metrics
+            for method in self.evaluate.methods
+            for layer in self.evaluate.layers
+            if layer in METHODS.get(method).layers
+        ]
+        return [*EPOCH_METRICS, *scores]
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> "SweepSpec":
+        search, ranges = self.search, range_paths(self)
+        if search.algorithm == "grid":
+            if ranges:
+                raise ValueError(f"{ranges[0]}: a range needs search.algorithm random or optuna (grid search takes lists)")
+            if search.num_samples is not None:
+                raise ValueError("search.num_samples: grid search runs every combination once; leave it out")
+        elif search.num_samples is None:
+            raise ValueError(f"search.num_samples: required for {search.algorithm} search")
+        elif search.algorithm == "random" and not ranges:
+            raise ValueError("search.algorithm: random search needs a {low, high} range to draw (lists are a grid)")
+        known = self.known_metrics()
+        for metric in [*search.objectives, *([search.scheduler.metric] if search.scheduler else [])]:
+            if metric not in known:
+                raise ValueError(f"search.objectives: {metric!r} is not logged by this sweep: known are {', '.join(known)}")
+        if search.scheduler and search.scheduler.grace_period >= self.train.epochs:
+            raise ValueError(
+                f"search.scheduler.grace_period: must be < train.epochs ({self.train.epochs}), got {search.scheduler.grace_period}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _losses_fit_labels(self) -> "SweepSpec":
@@ -324,50 +425,6 @@ class SweepSpec(Strict):
         return self
 
 
-class SpecError(ValueError):
-    """A spec failed to load or validate; ``problems`` lists ``path: message`` lines."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source, self.problems = source, problems
-        listing = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{listing}")
-
-
-def _yaml_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "literal[", "<")):  # pydantic's internal steps
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _message(error: dict) -> str:
-    """pydantic's message in the spec's words: ``must be >= 1, got 0`` rather than ``Input should ...``."""
-    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        return f"must be {_BOUNDS[kind]} {bound}, got {value!r}"
-    if kind == "literal_error":
-        return f"must be one of {ctx['expected']}, got {value!r}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"must be an integer, got {value!r}"
-    if kind in ("float_parsing", "float_type"):
-        return f"must be a number, got {value!r}"
-    if kind == "too_short":
-        return "must not be empty"
-    return error["msg"].removeprefix("Value error, ")
-
-
 def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
     """Validate already-loaded YAML; raises :class:`SpecError` listing every problem."""
     if not isinstance(data, dict):
@@ -375,14 +432,11 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as err:
-        problems = [f"{_yaml_path(e['loc'])}: {_message(e)}" for e in err.errors()]
-        # checks across sections name their own path: "(top level): probe.loss: ..." -> "probe.loss: ..."
-        problems = [p.removeprefix("(top level): ") if p.count(": ") > 1 else p for p in problems]
-        raise SpecError(source, problems) from None
+        raise SpecError(source, problem_lines(err.errors())) from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec file."""
+    """Read a sweep spec file, expand its ``${VARIABLES}`` and validate it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -390,4 +444,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(str(path), ["file not found"]) from None
     except yaml.YAMLError as err:
         raise SpecError(str(path), [f"not valid YAML: {err}"]) from None
+    problems: list[str] = []
+    data = expand_variables(data, problems=problems)
+    if problems:
+        raise SpecError(str(path), problems)
     return parse_spec(data, str(path))

@@ -7,6 +7,7 @@ any trial starts (many trials creating a fresh SQLite schema at once would race)
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 __all__ = [
     "SWEEP_TAG",
     "TrialRun",
+    "close_trial_runs",
+    "sweep_objectives",
     "default_tracking_uri",
     "ensure_experiment",
     "find_sweep_run",
@@ -25,9 +28,12 @@ __all__ = [
     "start_sweep_run",
     "ui_command",
     "runs_table_url",
+    "run_url",
+    "ui_base",
 ]
 
 SWEEP_TAG = "probesweep.sweep"
+OBJECTIVES_PARAM = "objectives"  # of the parent run, as JSON
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 
 
@@ -58,13 +64,45 @@ def ensure_experiment(uri: str, name: str) -> str:
     )
 
 
-def start_sweep_run(uri: str, experiment_id: str, sweep: str, spec_yaml: str, n_trials: int) -> str:
-    """Create the sweep's parent run, with the spec as an artifact; returns its run id."""
+def start_sweep_run(
+    uri: str, experiment_id: str, sweep: str, spec_yaml: str, n_trials: int, objectives: dict[str, str] | None = None
+) -> str:
+    """Create the sweep's parent run, with the spec as an artifact and the objectives as a param
+    (``probesweep report`` reads them back); returns its run id."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep})
-    client.log_batch(run.info.run_id, params=[Param("n_trials", str(n_trials))])
+    params = {"n_trials": str(n_trials), OBJECTIVES_PARAM: json.dumps(objectives or {"val/accuracy": "max"})}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
     return run.info.run_id
+
+
+def sweep_objectives(run) -> dict[str, str]:
+    """The objectives of a sweep's parent run (``val/accuracy: max`` for sweeps that named none)."""
+    return json.loads(run.data.params.get(OBJECTIVES_PARAM, '{"val/accuracy": "max"}'))
+
+
+def close_trial_runs(uri: str, experiment_id: str, parent_run_id: str, ended: dict[str, tuple[str, int]], epochs: int) -> int:
+    """Give every trial run of this sweep its final status once the driver stops Ray.
+
+    ``ended`` maps trial ids to (Ray status, last epoch). Ray stops a trial (early stopping or
+    Ctrl-C) by ending its thread, which leaves the run KILLED, or RUNNING if the process went
+    first. A TERMINATED trial is FINISHED, tagged ``stopped_early`` with its epoch if the scheduler
+    stopped it short of ``epochs``; an ERROR trial is FAILED; any other (the sweep was
+    interrupted) is KILLED, and ``probesweep resume`` continues it. Returns how many runs changed.
+    """
+    client = MlflowClient(uri)
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    changed = 0
+    for run in children:
+        status, epoch = ended.get(run.data.tags.get("trial_id", ""), ("", 0))
+        if status == "TERMINATED" and epoch < epochs and "stopped_early" not in run.data.tags:
+            client.set_tag(run.info.run_id, "stopped_early", str(epoch))
+        final = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED")
+        if run.info.status in ("RUNNING", "KILLED") and run.info.status != final:
+            client.set_terminated(run.info.run_id, final)
+            changed += 1
+    return changed
 
 
 def find_sweep_run(uri: str, sweep: str):
@@ -144,6 +182,10 @@ class TrialRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None:
             self.client.set_terminated(self.run_id, "FINISHED")
+        elif exc_type in (SystemExit, KeyboardInterrupt):
+            # Ray stopped the trial (early stopping or Ctrl-C: it ends the thread with
+            # SystemExit): the driver tells which, see close_trial_runs
+            self.client.set_terminated(self.run_id, "KILLED")
         else:
             message = f"{exc_type.__name__}: {exc}"
             self.client.set_tag(self.run_id, "error", message[:5000])
@@ -152,9 +194,20 @@ class TrialRun:
         return False
 
 
-def runs_table_url(experiment_id: str, host: str = UI_HOST, port: int = UI_PORT) -> str:
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of store ``uri`` is: a tracking server serves its own; a local store is
+    shown by ``probesweep ui`` on 127.0.0.1:5000."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{UI_HOST}:{UI_PORT}"
+
+
+def runs_table_url(uri: str, experiment_id: str) -> str:
     """The UI page with the runs table (MLflow 3 otherwise opens on its GenAI overview)."""
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of one run."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ui_command(uri: str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:

@@ -2,7 +2,8 @@
 
 A trial reads its config, continues its MLflow run if one exists (tag ``trial_id``), resumes from
 ``tune.get_checkpoint()`` if there is one, reports every epoch with a checkpoint of the trainer
-state, and adds the localisation scores (and AggAtt figures) to the last epoch.
+state, and adds the localisation scores (and AggAtt figures) to the last epoch. An epoch that
+ended after the last checkpoint Ray saved is trained (and logged) again when the trial resumes.
 """
 
 from __future__ import annotations
@@ -119,10 +120,13 @@ def probe_trial(config: dict[str, Any]) -> None:
         context.get_trial_id(),
         context.get_trial_name(),
     ) as run:
+        # Ray checks that every result holds the searcher's metrics: the objectives are NaN until
+        # the probe is explained (and stay NaN for a trial that ASHA stops before that)
+        pending = {metric: float("nan") for metric in runtime["objectives"]}
         if run.previous_status == "FINISHED":
             # Finished before the driver died, but Ray's experiment state had not caught up: its
             # results are in MLflow already, so report them instead of training again.
-            tune.report({**run.latest_metrics(), "epoch": config["train"]["epochs"]})
+            tune.report({**pending, **run.latest_metrics(), "epoch": config["train"]["epochs"]})
             return
         run.log_params(flatten({k: v for k, v in config.items() if k != RUNTIME_KEY}))
         run.set_tags({"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()})
@@ -141,4 +145,5 @@ def probe_trial(config: dict[str, Any]) -> None:
             run.log_metrics(metrics, step=trainer.epoch)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
-                tune.report({**metrics, "epoch": trainer.epoch}, checkpoint=tune.Checkpoint.from_directory(folder))
+                report = {**pending, **metrics, "epoch": trainer.epoch}
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -98,7 +98,8 @@ def test_report_reads_the_sweep_back(sweep):
     workdir, _ = sweep
     result = subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "sweep e2e-sweep (FINISHED)" in result.stdout and result.stdout.count("tiny_resnet_sup") == 2
+    assert "sweep e2e-sweep (FINISHED)" in result.stdout
+    assert sum(line.startswith("│") and "tiny_resnet_sup" in line for line in result.stdout.splitlines()) == 2
     missing = subprocess.run([PROBESWEEP, "report", "nope"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
 

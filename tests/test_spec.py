@@ -122,7 +122,56 @@ BAD_SPECS = [
         "evaluate.smoothing: unknown attribution method 'igx': known are bcos, gbp, gradcam, intgrad, ixg, lime, lrp, occlusion, scorecam; did you mean 'ixg'?",
     ),
     ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
-    ("search.algorithm", "optuna", "search.algorithm: must be one of 'grid', got 'optuna'"),
+    ("search.algorithm", "bayes", "search.algorithm: must be one of 'grid', 'random' or 'optuna', got 'bayes'"),
+    ("search.algorithm", "optuna", "search.num_samples: required for optuna search"),
+    ("search.num_samples", 4, "search.num_samples: grid search runs every combination once; leave it out"),
+    (
+        "search",
+        {"algorithm": "random", "num_samples": 2},
+        "search.algorithm: random search needs a {low, high} range to draw (lists are a grid)",
+    ),
+    (
+        "train.lr",
+        {"low": 1.0e-3, "high": 0.1},
+        "train.lr: a range needs search.algorithm random or optuna (grid search takes lists)",
+    ),
+    ("train.lr", {"low": 0.1, "high": 0.01}, "train.lr: low must be < high, got low 0.1 and high 0.01"),
+    ("train.lr", {"low": 0, "high": 0.1, "log": True}, "train.lr: a log range needs low > 0, got 0"),
+    ("train.lr", {"low": -1, "high": 0.1}, "train.lr: low must be > 0, got -1"),
+    ("train.lr", [0.01, 0.01], "train.lr: values repeat: [0.01, 0.01]"),
+    ("train.weight_decay", [0.0, -1.0], "train.weight_decay[1]: must be >= 0, got -1.0"),
+    (
+        "probe.head",
+        [{"type": "mlp", "depth": 2, "width": {"low": 16.5, "high": 64}}],
+        "probe.head[0].width: needs integer ends, got low 16.5 and high 64",
+    ),
+    ("probe.head", [{"type": "bcos", "bcos_b": {"low": 0.5, "high": 2}}], "probe.head[0].bcos_b: low must be >= 1, got 0.5"),
+    (
+        "probe.head",
+        [{"type": "mlp", "depth": {"low": 1, "high": 3}}],
+        "probe.head[0].depth: mlp heads need depth >= 2, got 1",
+    ),
+    (
+        "search.objectives",
+        {"gridpg/ixg/middle": "max"},
+        "search.objectives: 'gridpg/ixg/middle' is not logged by this sweep: known are val/accuracy, val/loss, "
+        "train/accuracy, train/loss, gridpg/ixg/input, gridpg/ixg/final, gridpg/bcos/input, gridpg/bcos/final, "
+        "gridpg/gradcam/final",
+    ),
+    (
+        "search.objectives",
+        {"val/accuracy": "maximise"},
+        "search.objectives.val/accuracy: must be one of 'max' or 'min', got 'maximise'",
+    ),
+    ("search.objectives", {}, "search.objectives: must not be empty"),
+    ("search.scheduler", {"grace_period": 30}, "search.scheduler.grace_period: must be < train.epochs (30), got 30"),
+    (
+        "search.scheduler",
+        {"metric": "gridpg/ixg/input"},
+        "search.scheduler.metric: must be one of 'val/accuracy', 'val/loss', 'train/accuracy' or 'train/loss', "
+        "got 'gridpg/ixg/input'",
+    ),
+    ("search.max_concurrent", 0, "search.max_concurrent: must be >= 1, got 0"),
     ("resources.gpu", -1, "resources.gpu: must be >= 0, got -1"),
 ]
 
@@ -187,7 +236,7 @@ def _cli(*args, cwd):
 
 def test_cli_validate_reports_trials_or_problems(tmp_path):
     ok = _cli("validate", str(DEMO_SPEC), cwd=tmp_path)
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{DEMO_SPEC}: ok, 12 trials"
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{DEMO_SPEC}: ok, 12 trials (grid search)"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_with("probe.loss", ["ce", "focal"])))
     result = _cli("validate", str(bad), cwd=tmp_path)
@@ -201,3 +250,42 @@ def test_cli_run_with_a_bad_spec_starts_nothing(tmp_path):
     result = _cli("run", str(bad), cwd=tmp_path)
     assert result.returncode == 2 and "train.lr: must be > 0, got 0" in result.stderr
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["bad.yaml"]  # no mlflow.db, no ray_results
+
+
+def test_random_search_draws_ranges_per_grid_point():
+    data = _with("search", {"algorithm": "random", "num_samples": 3, "seed": 7})
+    data["train"]["lr"] = {"low": 1.0e-4, "high": 1.0e-1, "log": True}
+    data["probe"]["head"] = [{"type": "linear"}, {"type": "mlp", "depth": {"low": 2, "high": 4}, "width": 64}]
+    spec = parse_spec(data)
+    trials = spec.trials()
+    assert spec.n_trials() == len(trials) == 3 * 2 * 2 * 3  # backbones x losses x heads x draws
+    lrs = [t["train"]["lr"] for t in trials]
+    assert all(1.0e-4 <= lr <= 1.0e-1 for lr in lrs) and len(set(lrs)) == len(lrs)
+    depths = {t["head"]["depth"] for t in trials if t["head"]["type"] == "mlp"}
+    assert depths <= {2, 3, 4} and all(isinstance(d, int) for d in depths)
+    assert trials == parse_spec(data).trials()  # seeded: the same sweep twice
+    assert trials != parse_spec({**data, "search": {**data["search"], "seed": 8}}).trials()
+
+
+def test_optuna_search_counts_its_samples_and_lists_no_trials():
+    data = _with("search", {"algorithm": "optuna", "num_samples": 20, "objectives": {"val/accuracy": "max", "gridpg/ixg/input": "max"}})
+    data["train"]["lr"] = {"low": 1.0e-4, "high": 1.0e-1, "log": True}
+    spec = parse_spec(data)
+    assert spec.n_trials() == 20 and list(spec.search.objectives) == ["val/accuracy", "gridpg/ixg/input"]
+    with pytest.raises(ValueError, match="chooses its trials as it runs"):
+        spec.trials()
+
+
+def test_environment_variables_in_a_spec(tmp_path, monkeypatch):
+    root = tmp_path / "imagenet"
+    (root / "train").mkdir(parents=True)
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(
+        {"name": "x", "backbones": ["tiny_resnet_sup"], "data": {"dataset": "imagefolder", "root": "${DATA_ROOT}"}}
+    ))  # fmt: skip
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    with pytest.raises(SpecError) as err:
+        load_spec(spec_file)
+    assert err.value.problems == ["data.root: environment variable DATA_ROOT is not set"]
+    monkeypatch.setenv("DATA_ROOT", str(root))
+    assert load_spec(spec_file).data.root == str(root)

@@ -1,0 +1,84 @@
+"""Reading spec files: ``${VARIABLES}`` in values, and pydantic's errors in the spec's words
+(``probe.head[2].bcos_b: must be >= 1, got 0.5``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+__all__ = ["SpecError", "expand_variables", "problem_lines"]
+
+
+class SpecError(ValueError):
+    """A spec failed to load or validate; ``problems`` lists ``path: message`` lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        listing = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{listing}")
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "list[", "literal[", "<")):  # pydantic's internal steps
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _message(error: dict) -> str:
+    """pydantic's message in the spec's words: ``must be >= 1, got 0`` rather than ``Input should ...``."""
+    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"must be {_BOUNDS[kind]} {bound}, got {value!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {value!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"must be an integer, got {value!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"must be a number, got {value!r}"
+    if kind == "too_short":
+        return "must not be empty"
+    return error["msg"].removeprefix("Value error, ")
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_variables(node: Any, path: str = "", problems: list[str] | None = None) -> Any:
+    """``${NAME}`` in any string value -> the environment variable's value (data roots, weights
+    files: one spec for every machine); unset variables are added to ``problems`` with their path."""
+    problems = [] if problems is None else problems
+    if isinstance(node, dict):
+        return {k: expand_variables(v, f"{path}.{k}".lstrip("."), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_variables(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def value(match: re.Match) -> str:
+        if match[1] not in os.environ:
+            problems.append(f"{path or '(top level)'}: environment variable {match[1]} is not set")
+            return match[0]
+        return os.environ[match[1]]
+
+    return _VARIABLE.sub(value, node)
+
+
+def problem_lines(errors: list[dict]) -> list[str]:
+    """pydantic's ``ValidationError.errors()`` as ``path: message`` lines."""
+    problems = [f"{_yaml_path(e['loc'])}: {_message(e)}" for e in errors]
+    # checks across sections name their own path: "(top level): probe.loss: ..." -> "probe.loss: ..."
+    return [p.removeprefix("(top level): ") if p.count(": ") > 1 else p for p in problems]

@@ -1,0 +1,113 @@
+"""A sweep logging to a real MLflow tracking server over HTTP, then the server's UI in a real browser.
+
+The server is `cluster/mlflow/server-single-host.sh` on 127.0.0.1 (SQLite store, artifacts served
+by the server); the browser is Debian's headless Chromium driven by Playwright. The screenshot
+is kept in `test-artifacts/mlflow-ui.png`.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from servers import REPO, mlflow_server
+
+pytestmark = pytest.mark.slow
+PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
+SPEC = {
+    "name": "served",
+    "backbones": ["tiny_resnet_sup"],
+    "probe": {"loss": ["ce", "bce"], "head": [{"type": "linear"}]},
+    "train": {"epochs": 2, "lr": 1.0e-2},
+    "evaluate": {"methods": ["ixg"], "layers": ["input"], "n_grids": 4, "confidence": 0.5},
+    "tracking": {"experiment": "served"},
+}
+SCREENSHOT = REPO / "test-artifacts" / "mlflow-ui.png"
+
+
+@pytest.fixture(scope="module")
+def served_sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("served")
+    (workdir / "served.yaml").write_text(yaml.safe_dump(SPEC))
+    with mlflow_server(workdir / "server") as url:
+        result = subprocess.run(
+            [PROBESWEEP, "run", "served.yaml", "--name", "served-1", "--tracking-uri", url],
+            cwd=workdir, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield workdir, url, result
+
+
+def test_sweep_logs_runs_and_artifacts_through_the_server(served_sweep):
+    workdir, url, result = served_sweep
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("served")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert all("gridpg/ixg/input" in c.data.metrics for c in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.yaml", "summary.csv", "pareto.json", "pareto.png"}
+    assert [a.path for a in client.list_artifacts(children[0].info.run_id, "aggatt")] == ["aggatt/gridpg-ixg-input.png"]
+    # nothing was written beside the sweep: the store and the artifacts are the server's
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
+    assert list((workdir / "server" / "artifacts").rglob("gridpg-ixg-input.png"))
+    assert f"Open the runs in the tracking server's UI: {url}/#/experiments/{experiment.experiment_id}/runs" in result.stdout
+
+
+def _chromium() -> str:
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is missing: .ci/run installs Debian's chromium package")
+    pytest.skip("Chromium is missing: install Debian's chromium package (apt-get install chromium)")
+
+
+def test_mlflow_ui_shows_the_sweep_in_a_real_browser(served_sweep):
+    from playwright.sync_api import sync_playwright
+
+    _, url, _ = served_sweep
+    experiment_id = MlflowClient(url).get_experiment_by_name("served").experiment_id
+    children = sorted(
+        r.info.run_name for r in MlflowClient(url).search_runs([experiment_id]) if "mlflow.parentRunId" in r.data.tags
+    )
+    # the flags keep Chromium from reaching for Google's services on a machine with no network
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1800, "height": 700})
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+            page.get_by_text("served-1", exact=True).wait_for(timeout=60_000)  # the sweep's parent run
+            if page.get_by_role("button", name="Close").count():  # the assistant panel takes half the width
+                page.get_by_role("button", name="Close").first.click()
+            # unfold the sweep's run to show its trials, and add the GridPG column
+            page.locator("[role=gridcell][col-id='attributes.`Run Name`']").filter(has_text="served-1").locator("button").first.click()
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_placeholder("Search columns").fill("gridpg/ixg/input")
+            tree = page.get_by_test_id("column-selector-tree")
+            tree.locator(".du-bois-light-tree-treenode", has_text="gridpg/ixg/input").locator(".du-bois-light-tree-checkbox").click()
+            page.keyboard.press("Escape")
+            for name in children:
+                page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+            breadcrumb = page.locator("a", has_text="served").all_inner_texts()  # Experiments > served
+            headers = page.locator("[role=columnheader]").all_inner_texts()
+            rows = page.locator("[role=row]").all_inner_texts()
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
+    assert "served" in breadcrumb
+    assert "gridpg/ixg/input" in headers
+    # each trial's row shows a GridPG score (a number between 0 and 1) in that column
+    scores = [line for row in rows for line in row.splitlines() if line.startswith("0.")]
+    assert len(scores) >= len(children) == 2, rows
+    assert SCREENSHOT.stat().st_size > 10_000
