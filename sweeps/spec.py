@@ -390,6 +390,19 @@ class SweepSpec(Strict):
         return [*EPOCH_METRICS, *scores]
 
     @model_validator(mode="after")
+    def _losses_fit_labels(self) -> "SweepSpec":
+        multilabel = self.data.multilabel
+        for loss in self.probe.loss:
+            if LOSSES.get(loss).multilabel != multilabel:
+                kind = "multi-label" if multilabel else "single-label"
+                raise ValueError(f"probe.loss: {loss!r} does not fit the {kind} data set {self.data.dataset!r}")
+        for metric in self.evaluate.metrics:
+            if (metric == "epg") != multilabel:
+                needs = "a data set with boxes (voc2007, coco2014)" if metric == "epg" else "single-label images for its grids"
+                raise ValueError(f"evaluate.metrics: {metric!r} needs {needs}, not {self.data.dataset!r}")
+        return self
+
+    @model_validator(mode="after")
     def _search_fits(self) -> "SweepSpec":
         search, ranges = self.search, range_paths(self)
         if search.algorithm == "grid":
@@ -402,26 +415,13 @@ class SweepSpec(Strict):
         elif search.algorithm == "random" and not ranges:
             raise ValueError("search.algorithm: random search needs a {low, high} range to draw (lists are a grid)")
         known = self.known_metrics()
-        for metric in [*search.objectives, *([search.scheduler.metric] if search.scheduler else [])]:
+        for metric in search.objectives:
             if metric not in known:
                 raise ValueError(f"search.objectives: {metric!r} is not logged by this sweep: known are {', '.join(known)}")
         if search.scheduler and search.scheduler.grace_period >= self.train.epochs:
             raise ValueError(
                 f"search.scheduler.grace_period: must be < train.epochs ({self.train.epochs}), got {search.scheduler.grace_period}"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _losses_fit_labels(self) -> "SweepSpec":
-        multilabel = self.data.multilabel
-        for loss in self.probe.loss:
-            if LOSSES.get(loss).multilabel != multilabel:
-                kind = "multi-label" if multilabel else "single-label"
-                raise ValueError(f"probe.loss: {loss!r} does not fit the {kind} data set {self.data.dataset!r}")
-        for metric in self.evaluate.metrics:
-            if (metric == "epg") != multilabel:
-                needs = "a data set with boxes (voc2007, coco2014)" if metric == "epg" else "single-label images for its grids"
-                raise ValueError(f"evaluate.metrics: {metric!r} needs {needs}, not {self.data.dataset!r}")
         return self
 
 

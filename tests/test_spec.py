@@ -289,3 +289,50 @@ def test_environment_variables_in_a_spec(tmp_path, monkeypatch):
     assert err.value.problems == ["data.root: environment variable DATA_ROOT is not set"]
     monkeypatch.setenv("DATA_ROOT", str(root))
     assert load_spec(spec_file).data.root == str(root)
+
+
+SHIPPED = {  # spec file -> trials it expands to
+    "demo.yaml": 12,
+    "imagenet_how_to_probe.yaml": 50,
+    "voc2007_epg.yaml": 8,
+    "coco2014_epg.yaml": 6,
+    "optuna_best_explained.yaml": 24,
+}
+
+
+@pytest.fixture()
+def shipped_environment(tmp_path, monkeypatch):
+    """The environment the shipped specs name: data roots and the checkpoints' folder."""
+    for name in ("IMAGENET_ROOT", "VOC_ROOT", "COCO_ROOT", "WEIGHTS_DIR"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    for checkpoint in ("dino_resnet50_pretrain.pth", "moco_v2_800ep_pretrain.pth.tar", "byol_r50.pth", "bcos_resnet_50.pth"):
+        (tmp_path / "WEIGHTS_DIR" / checkpoint).write_bytes(b"")
+    return tmp_path
+
+
+def test_every_shipped_spec_is_valid(shipped_environment):
+    assert sorted(p.name for p in DEMO_SPEC.parent.glob("*.yaml")) == sorted(SHIPPED)
+    for name, n_trials in SHIPPED.items():
+        spec = load_spec(DEMO_SPEC.parent / name)
+        assert spec.n_trials() == n_trials, name
+    imagenet = load_spec(DEMO_SPEC.parent / "imagenet_how_to_probe.yaml")
+    assert [b.name for b in imagenet.backbones] == [
+        "resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol", "bcos_resnet50"
+    ]  # fmt: skip
+    assert imagenet.backbones[1].weights == str(shipped_environment / "WEIGHTS_DIR" / "dino_resnet50_pretrain.pth")
+    assert {h.type for h in imagenet.probe.head} == {"linear", "mlp", "bcos"} and imagenet.probe.loss == ["ce", "bce"]
+
+
+def test_shipped_spec_names_each_unset_variable(monkeypatch):
+    for name in ("IMAGENET_ROOT", "WEIGHTS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SpecError) as err:
+        load_spec(DEMO_SPEC.parent / "imagenet_how_to_probe.yaml")
+    assert err.value.problems == [
+        "data.root: environment variable IMAGENET_ROOT is not set",
+        "backbones[1].weights: environment variable WEIGHTS_DIR is not set",
+        "backbones[2].weights: environment variable WEIGHTS_DIR is not set",
+        "backbones[3].weights: environment variable WEIGHTS_DIR is not set",
+        "backbones[4].weights: environment variable WEIGHTS_DIR is not set",
+    ]

@@ -1,0 +1,50 @@
+"""Reports: the Pareto front and the order of trials on hand-computed cases; closing trial runs."""
+
+import math
+
+from mlflow import MlflowClient
+
+from sweeps.report import pareto_front, sort_rows
+from sweeps.tracking import TrialRun, close_trial_runs, default_tracking_uri, ensure_experiment, start_sweep_run
+
+
+def test_pareto_front_of_two_maximised_objectives():
+    points = [(1.0, 1.0), (2.0, 0.0), (0.0, 2.0), (1.0, 0.5), (None, 3.0), (math.nan, 9.0), (2.0, 0.0)]
+    # (1, 0.5) is beaten by (1, 1); the missing and NaN points take no part; equal points both stay
+    assert pareto_front(points, ["max", "max"]) == [0, 1, 2, 6]
+
+
+def test_pareto_front_follows_each_direction():
+    points = [(1.0, 1.0), (2.0, 0.0), (0.5, 3.0), (0.4, 0.1)]
+    # minimise the first, maximise the second: (0.5, 3) beats (1, 1) and (2, 0); (0.4, 0.1) is lowest in x
+    assert pareto_front(points, ["min", "max"]) == [2, 3]
+    assert pareto_front(points, ["max", "min"]) == [1]
+    assert pareto_front([(0.3,), (0.7,), (0.7,)], ["max"]) == [1, 2]
+
+
+def test_rows_sort_by_objectives_in_order_missing_last():
+    rows = [{"t": 0, "a": 0.5, "b": 2.0}, {"t": 1, "a": 0.9, "b": 5.0}, {"t": 2, "a": None, "b": 0.0},
+            {"t": 3, "a": 0.9, "b": 1.0}, {"t": 4, "a": math.nan, "b": 1.0}]  # fmt: skip
+    ordered = [r["t"] for r in sort_rows(rows, {"a": "max", "b": "min"})]
+    assert ordered[:3] == [3, 1, 0] and set(ordered[3:]) == {2, 4}
+
+
+def test_trial_runs_get_their_final_status_from_ray(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    experiment_id = ensure_experiment(uri, "closing")
+    parent = start_sweep_run(uri, experiment_id, "closing-1", "name: closing\n", n_trials=5)
+    client = MlflowClient(uri)
+    run_ids = {}
+    for trial_id in ("stopped", "done", "broken", "interrupted", "killed"):
+        run = TrialRun(uri, experiment_id, parent, trial_id, f"probe_trial_{trial_id}").__enter__()
+        run_ids[trial_id] = run.run_id
+    client.set_terminated(run_ids["killed"], "KILLED")  # a trial whose thread Ray ended first
+    ended = {"stopped": ("TERMINATED", 2), "done": ("TERMINATED", 4), "broken": ("ERROR", 1), "killed": ("TERMINATED", 3)}
+    assert close_trial_runs(uri, experiment_id, parent, ended, epochs=4) == 5
+    final = {t: client.get_run(r) for t, r in run_ids.items()}
+    assert {t: r.info.status for t, r in final.items()} == {
+        "stopped": "FINISHED", "done": "FINISHED", "broken": "FAILED", "interrupted": "KILLED", "killed": "FINISHED"
+    }  # fmt: skip
+    assert {t for t, r in final.items() if "stopped_early" in r.data.tags} == {"stopped", "killed"}
+    assert final["stopped"].data.tags["stopped_early"] == "2"
+    assert close_trial_runs(uri, experiment_id, parent, ended, epochs=4) == 0  # nothing left to close
