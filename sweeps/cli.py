@@ -80,6 +80,9 @@ def run(
     name: Annotated[Optional[str], typer.Option(help="Sweep name. Default: <spec name>-<date>-<time>.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address. Default: a local instance.")] = None,
     tracking_uri: TrackingUri = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Ray results folder (a cluster: one every node reaches). Default: the spec's, or ./ray_results.")
+    ] = None,
 ) -> None:
     """Validate a sweep spec, run all its trials with Ray Tune, and print the results table."""
     from sweeps.spec import DEMO_SPEC
@@ -87,7 +90,7 @@ def run(
     spec = _load(config or DEMO_SPEC)
     from sweeps.runner import run_sweep
 
-    _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, log=log))
+    _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, storage=storage, log=log))
 
 
 @app.command()

@@ -173,6 +173,7 @@ def run_sweep(
     name: str | None = None,
     address: str | None = None,
     tracking_uri: str | None = None,
+    storage: str | None = None,
     workdir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> SweepOutcome:
@@ -182,6 +183,8 @@ def run_sweep(
         name: the sweep's name in MLflow and Ray; default ``<spec name>-<date>-<time>``.
         address: a Ray cluster address (``auto``, ``HOST:PORT``); default: start a local instance.
         tracking_uri: MLflow store; default ``spec.tracking.uri`` or ``sqlite:///<workdir>/mlflow.db``.
+        storage: Ray results folder (on a cluster: a path every node reaches); default
+            ``spec.storage`` or ``<workdir>/ray_results``.
         workdir: where relative outputs go; default the current directory.
     """
     from probing.backbones import cache_dir
@@ -189,7 +192,7 @@ def run_sweep(
     workdir = (workdir or Path.cwd()).resolve()
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(workdir)
-    storage = Path(spec.storage or workdir / "ray_results").expanduser().resolve()
+    storage = Path(storage or spec.storage or workdir / "ray_results").expanduser().resolve()
     if (storage / name).exists():
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
     n_trials = spec.n_trials()
@@ -227,6 +230,7 @@ def run_sweep(
                 verbose=0,
                 callbacks=[_progress_callback(outcome, spec.train.epochs, log)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             ),
         )
 

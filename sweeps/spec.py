@@ -309,6 +309,8 @@ class SearchSpec(Strict):
 class ResourcesSpec(Strict):
     cpu: Annotated[float, Field(gt=0)] = 1.0
     gpu: Annotated[float, Field(ge=0)] = 0.0
+    # times Ray restarts a failed trial from its last checkpoint (a lost node, a killed worker)
+    max_failures: Annotated[int, Field(ge=0)] = 1
 
 
 class TrackingSpec(Strict):

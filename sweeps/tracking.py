@@ -127,6 +127,20 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _timed(method):
+    """Adds the call's duration to ``self.seconds`` (what logging costs a trial, see bench/sweep_overhead.py)."""
+
+    def call(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    call.__doc__, call.__name__ = method.__doc__, method.__name__
+    return call
+
+
 class TrialRun:
     """The child run of one trial, as a context manager.
 
@@ -141,6 +155,7 @@ class TrialRun:
         self.trial_id, self.trial_name = trial_id, trial_name
         self.run_id = ""
         self.previous_status: str | None = None  # of the run found on entry; None if created
+        self.seconds = 0.0  # spent in the logging methods
 
     def __enter__(self) -> "TrialRun":
         found = self.client.search_runs(
@@ -155,20 +170,24 @@ class TrialRun:
             self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=self.trial_name).info.run_id
         return self
 
+    @_timed
     def latest_metrics(self) -> dict[str, float]:
         """The last value of every metric logged to this run."""
         return dict(self.client.get_run(self.run_id).data.metrics)
 
+    @_timed
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]  # params are write-once
         if new:
             self.client.log_batch(self.run_id, params=new)
 
+    @_timed
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    @_timed
     def log_figure(self, figure, artifact_file: str) -> None:
         """Save a matplotlib figure as an image artifact and free it."""
         import matplotlib.pyplot as plt
@@ -176,6 +195,15 @@ class TrialRun:
         self.client.log_figure(self.run_id, figure, artifact_file)
         plt.close(figure)
 
+    @_timed
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    @_timed
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    @_timed
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

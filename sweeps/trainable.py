@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+import yaml
 from ray import tune
 
 from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery
@@ -129,7 +132,10 @@ def probe_trial(config: dict[str, Any]) -> None:
             tune.report({**pending, **run.latest_metrics(), "epoch": config["train"]["epochs"]})
             return
         run.log_params(flatten({k: v for k, v in config.items() if k != RUNTIME_KEY}))
-        run.set_tags({"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()})
+        node_id = ray.get_runtime_context().get_node_id()
+        # the address the node joined the cluster with (several nodes may share a host)
+        node_ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
+        run.set_tags({"node_ip": node_ip, "node_id": node_id, "hostname": socket.gethostname()})
         backbone, val, loss, trainer = _trial_inputs(config)
 
         checkpoint = tune.get_checkpoint()
@@ -137,13 +143,37 @@ def probe_trial(config: dict[str, Any]) -> None:
             with checkpoint.as_directory() as folder:
                 trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
 
-        epochs = config["train"]["epochs"]
+        epochs, seconds = config["train"]["epochs"], {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
         while trainer.epoch < epochs:
-            metrics = trainer.run_epoch()
+            with _timer(seconds, "train"):
+                metrics = trainer.run_epoch()
             if trainer.epoch == epochs:
-                metrics |= _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], run)
+                with _timer(seconds, "evaluate"):
+                    logged = run.seconds
+                    metrics |= _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], run)
+                    seconds["evaluate"] -= run.seconds - logged  # its figures' upload counts as tracking
             run.log_metrics(metrics, step=trainer.epoch)
-            with tempfile.TemporaryDirectory() as folder:
+            with _timer(seconds, "checkpoint"), tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
                 report = {**pending, **metrics, "epoch": trainer.epoch}
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+        _log_probe(run, trainer, config)
+        # where this session of the trial spent its time (a resumed trial counts from its resume)
+        run.log_metrics({f"time/{k}_s": v for k, v in seconds.items()} | {"time/tracking_s": run.seconds}, step=epochs)
+
+
+@contextmanager
+def _timer(seconds: dict[str, float], key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] += time.perf_counter() - start
+
+
+def _log_probe(run: TrialRun, trainer: ProbeTrainer, config: dict[str, Any]) -> None:
+    """The trained probe (its head's state dict) and the trial's resolved config, as artifacts."""
+    run.log_text(yaml.safe_dump({k: v for k, v in config.items() if k != RUNTIME_KEY}, sort_keys=False), "trial_config.yaml")
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(trainer.head.state_dict(), Path(folder) / "probe.pt")
+        run.log_artifact(Path(folder) / "probe.pt")

@@ -59,7 +59,7 @@ def _parent(client):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Run, Ctrl-C once one trial has ended and another is past its first epoch, resume."""
+    """Run, Ctrl-C once one trial has ended and another is past its second epoch, resume."""
     workdir = tmp_path_factory.mktemp("moo")
     (workdir / "moo.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -73,7 +73,7 @@ def sweep(tmp_path_factory):
             children = _children(client)
             running = [
                 c for c in children
-                if c.info.status == "RUNNING" and len(client.get_metric_history(c.info.run_id, "train/loss")) >= 1
+                if c.info.status == "RUNNING" and len(client.get_metric_history(c.info.run_id, "train/loss")) >= 2
             ]  # fmt: skip
             if any(c.info.status != "RUNNING" for c in children) and running:
                 break

@@ -1,0 +1,170 @@
+"""A real two-node Ray cluster on this machine, a real MLflow server, sweeps submitted as Ray jobs.
+
+`ray start --head` and a second `ray start --address ...` run as separate process groups on
+127.0.0.1 with token authentication; the MLflow server is `cluster/mlflow/server-single-host.sh`.
+The sweeps go in with `ray job submit`, as docs/cluster.md tells users. Then: the tracking server
+restarts mid-sweep, and the worker node is SIGKILLed mid-sweep. Every process is stopped by its
+process group id, also when a test fails.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import session_processes
+from servers import MlflowServer, free_port, ray_environment, ray_node, stop_group
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def spec(name: str, epochs: int, seeds: int) -> dict:
+    return {
+        "name": name,
+        "backbones": ["tiny_resnet_sup"],
+        "probe": {"loss": ["ce", "bce"], "head": [{"type": "mlp", "depth": 2, "width": 1024}]},
+        "train": {"epochs": epochs, "lr": 1.0e-2, "seed": list(range(seeds))},
+        "evaluate": {"methods": ["ixg"], "layers": ["input"], "n_grids": 4, "confidence": 0.5},
+        "resources": {"cpu": 1, "max_failures": 2},
+        "tracking": {"experiment": name},
+    }
+
+
+class Cluster:
+    def __init__(self, workdir: Path, dashboard: str, server: MlflowServer | None, worker):
+        self.workdir, self.dashboard, self.server, self.worker = workdir, dashboard, server, worker
+        self.tracking_uri = server.url if server else ""
+
+    def submit(self, name: str, spec_data: dict, wait: bool) -> subprocess.CompletedProcess | subprocess.Popen:
+        """`ray job submit` of `probesweep run` for ``spec_data`` (blocking, or a running Popen)."""
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+        command = [
+            RAY, "job", "submit", f"--address={self.dashboard}", "--", "probesweep", "run", str(path), "--name", name,
+            "--address", "auto", "--tracking-uri", self.tracking_uri, "--storage", str(self.workdir / "results"),
+        ]  # fmt: skip
+        if wait:
+            return subprocess.run(command, env=ray_environment(), capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(command, env=ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def nodes(self) -> list[dict]:
+        listed = subprocess.run(
+            [RAY, "list", "nodes", "--format=json", f"--address={self.dashboard}"],
+            env=ray_environment(), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return json.loads(listed.stdout)
+
+    def runs(self, experiment: str):
+        client = MlflowClient(self.tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        return [] if found is None else client.search_runs([found.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cluster")
+    head_port, dashboard_port = free_port(), free_port()
+    server = MlflowServer(workdir / "mlflow")
+    try:
+        with ray_node(head_port=head_port, num_cpus=1, dashboard_port=dashboard_port):
+            with ray_node(head_port=head_port, num_cpus=1) as worker:
+                dashboard = f"http://127.0.0.1:{dashboard_port}"
+                deadline = time.monotonic() + 120
+                # both nodes up and the job server answering
+                while True:
+                    try:
+                        nodes = Cluster(workdir, dashboard, None, worker).nodes()
+                        if sum(n["state"] == "ALIVE" for n in nodes) == 2:
+                            break
+                    except (subprocess.CalledProcessError, json.JSONDecodeError):
+                        pass
+                    assert time.monotonic() < deadline, "the two Ray nodes did not come up"
+                    time.sleep(1)
+                server.start()
+                yield Cluster(workdir, dashboard, server, worker)
+    finally:
+        server.stop()
+        deadline = time.monotonic() + 60
+        while session_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def _children(runs):
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def _steps(tracking_uri: str, run_id: str) -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")]
+
+
+def test_job_runs_trials_on_both_nodes(cluster):
+    result = cluster.submit("spread", spec("spread", epochs=3, seeds=2), wait=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = cluster.runs("spread")
+    children = _children(runs)
+    assert len(children) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    node_ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
+    assert {c.data.tags["node_id"] for c in children} == set(node_ips)  # both nodes
+    assert all(c.data.tags["node_ip"] == node_ips[c.data.tags["node_id"]] for c in children), (
+        [c.data.tags for c in children], node_ips
+    )
+
+
+def test_tracking_server_restart_loses_nothing(cluster):
+    job = cluster.submit("restart", spec("restart", epochs=8, seeds=1), wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 2 for c in _children(cluster.runs("restart"))):
+            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before the server could restart"
+            time.sleep(0.5)
+        cluster.server.stop()  # while trials log to it; then again on the same port and store
+        time.sleep(5)
+        cluster.server.start()
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            stop_group(job)
+    assert job.returncode == 0, output[-3000:]
+    runs = cluster.runs("restart")
+    children = _children(runs)
+    assert len(children) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for child in children:  # every final metric arrived
+        assert {"val/accuracy", "gridpg/ixg/input", "grids/count"} <= set(child.data.metrics)
+        assert sorted(set(_steps(cluster.tracking_uri, child.info.run_id))) == list(range(1, 9))
+
+
+def test_lost_node_trials_resume_from_their_checkpoints(cluster):
+    worker_id = next(n["node_id"] for n in cluster.nodes() if not n["is_head_node"])
+    job = cluster.submit("lost", spec("lost", epochs=12, seeds=1), wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # a trial on the worker node past its second checkpoint
+            on_worker = [c for c in _children(cluster.runs("lost")) if c.data.tags.get("node_id") == worker_id]
+            if any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 3 for c in on_worker):
+                break
+            assert job.poll() is None and time.monotonic() < deadline, "no trial ran on the worker node"
+            time.sleep(0.3)
+        lost_run = on_worker[0].info.run_id
+        os.killpg(cluster.worker.pid, signal.SIGKILL)  # the worker node and all it started, at once
+        cluster.worker.wait()
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            stop_group(job)
+    assert job.returncode == 0, output[-3000:]
+    runs = cluster.runs("lost")
+    children = _children(runs)
+    assert len(children) == 2 and len({c.data.tags["trial_id"] for c in children}) == 2  # one run per trial
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    steps = _steps(cluster.tracking_uri, lost_run)
+    assert steps.count(1) == 1 and max(steps) == 12, steps  # resumed, not restarted at epoch 1
+    resumed = MlflowClient(cluster.tracking_uri).get_run(lost_run)
+    assert resumed.data.tags["node_id"] != worker_id and "gridpg/ixg/input" in resumed.data.metrics
