@@ -164,6 +164,14 @@ def ray_output_to(log_file: Path):
         handler.close()
 
 
+# Trials keep large activations mapped between operations instead of returning them to the OS and
+# faulting them in again (REFERENCE section 7: about 2x on a small CPU). Given to every trial
+# process through Ray's runtime environment: glibc rewrites GLIBC_TUNABLES in the environment a
+# process passes on (only the first setting survives), so inheriting it from the driver is not enough.
+# Only for a Ray instance the driver starts: a job on a cluster sets it in its own runtime env
+# (docs/cluster.md), which a driver's runtime env would replace.
+TRIAL_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"}
+
 RECORD_FILE = "probesweep.yaml"  # beside Ray's experiment state: what `probesweep resume` needs
 
 
@@ -291,24 +299,32 @@ def _drive(outcome: SweepOutcome, spec: SweepSpec, make_tuner, address: str | No
 
     log_file = Path(outcome.storage_path) / "driver.log"
     log(f"Ray's own messages go to {log_file}")
-    status, failed, interrupted = "FAILED", outcome.n_trials, False
+    ended_by = "fit"  # or "interrupt" (a second Ctrl-C, while Ray Tune was saving its state), "error"
     try:
         with ray_output_to(log_file) as reroute:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                runtime_env={"env_vars": TRIAL_ENV} if address is None else None,
+            )  # fmt: skip
             reroute()
             try:
-                results = make_tuner().fit()
+                make_tuner().fit()
             finally:
                 ray.shutdown()
-        failed = results.num_errors
-        interrupted = results.num_terminated + failed < outcome.n_trials
-        status = "KILLED" if interrupted else "FINISHED" if failed == 0 else "FAILED"
-    except KeyboardInterrupt:  # a second Ctrl-C, while Ray Tune was saving its state
-        status, interrupted = "KILLED", True
+    except KeyboardInterrupt:
+        ended_by = "interrupt"
         raise
-    finally:  # never leave a run of the sweep RUNNING
+    except Exception:
+        ended_by = "error"
+        raise
+    finally:  # never leave a run of the sweep RUNNING; count what ended from the runs themselves
         uri = outcome.tracking_uri
-        close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {}, spec.train.epochs)
+        statuses = close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {}, spec.train.epochs)
+        failed = sum(s == "FAILED" for s in statuses.values())
+        # Ray marks the trials it stops on Ctrl-C TERMINATED like finished ones; their runs say KILLED
+        ended = failed + sum(s == "FINISHED" for s in statuses.values())
+        interrupted = ended_by == "interrupt" or (ended_by == "fit" and ended < outcome.n_trials)
+        status = "KILLED" if interrupted else "FINISHED" if ended_by == "fit" and failed == 0 else "FAILED"
         try:
             front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives)
             log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")

@@ -82,27 +82,32 @@ def sweep_objectives(run) -> dict[str, str]:
     return json.loads(run.data.params.get(OBJECTIVES_PARAM, '{"val/accuracy": "max"}'))
 
 
-def close_trial_runs(uri: str, experiment_id: str, parent_run_id: str, ended: dict[str, tuple[str, int]], epochs: int) -> int:
-    """Give every trial run of this sweep its final status once the driver stops Ray.
+def close_trial_runs(
+    uri: str, experiment_id: str, parent_run_id: str, ended: dict[str, tuple[str, int]], epochs: int
+) -> dict[str, str]:
+    """Give every trial run of this sweep its final status once the driver stops Ray; returns the
+    status of each trial's run by trial id.
 
     ``ended`` maps trial ids to (Ray status, last epoch). Ray stops a trial (early stopping or
     Ctrl-C) by ending its thread, which leaves the run KILLED, or RUNNING if the process went
     first. A TERMINATED trial is FINISHED, tagged ``stopped_early`` with its epoch if the scheduler
     stopped it short of ``epochs``; an ERROR trial is FAILED; any other (the sweep was
-    interrupted) is KILLED, and ``probesweep resume`` continues it. Returns how many runs changed.
+    interrupted) is KILLED, and ``probesweep resume`` continues it.
     """
     client = MlflowClient(uri)
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    changed = 0
+    statuses = {}
     for run in children:
-        status, epoch = ended.get(run.data.tags.get("trial_id", ""), ("", 0))
+        trial_id = run.data.tags.get("trial_id", run.info.run_id)
+        status, epoch = ended.get(trial_id, ("", 0))
         if status == "TERMINATED" and epoch < epochs and "stopped_early" not in run.data.tags:
             client.set_tag(run.info.run_id, "stopped_early", str(epoch))
         final = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED")
+        statuses[trial_id] = run.info.status
         if run.info.status in ("RUNNING", "KILLED") and run.info.status != final:
             client.set_terminated(run.info.run_id, final)
-            changed += 1
-    return changed
+            statuses[trial_id] = final
+    return statuses
 
 
 def find_sweep_run(uri: str, sweep: str):

@@ -40,11 +40,12 @@ def test_trial_runs_get_their_final_status_from_ray(tmp_path):
         run_ids[trial_id] = run.run_id
     client.set_terminated(run_ids["killed"], "KILLED")  # a trial whose thread Ray ended first
     ended = {"stopped": ("TERMINATED", 2), "done": ("TERMINATED", 4), "broken": ("ERROR", 1), "killed": ("TERMINATED", 3)}
-    assert close_trial_runs(uri, experiment_id, parent, ended, epochs=4) == 5
-    final = {t: client.get_run(r) for t, r in run_ids.items()}
-    assert {t: r.info.status for t, r in final.items()} == {
+    expected = {
         "stopped": "FINISHED", "done": "FINISHED", "broken": "FAILED", "interrupted": "KILLED", "killed": "FINISHED"
     }  # fmt: skip
+    assert close_trial_runs(uri, experiment_id, parent, ended, epochs=4) == expected
+    final = {t: client.get_run(r) for t, r in run_ids.items()}
+    assert {t: r.info.status for t, r in final.items()} == expected
     assert {t for t, r in final.items() if "stopped_early" in r.data.tags} == {"stopped", "killed"}
     assert final["stopped"].data.tags["stopped_early"] == "2"
-    assert close_trial_runs(uri, experiment_id, parent, ended, epochs=4) == 0  # nothing left to close
+    assert close_trial_runs(uri, experiment_id, parent, {}, epochs=4) == expected  # closed runs stay as they are
