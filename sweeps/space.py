@@ -1,4 +1,5 @@
-"""Search axes of a sweep spec: values, lists of values (grid axes) and ``{low, high, log}`` ranges.
+"""Search axes of a sweep spec (values, lists of values as grid axes, ``{low, high, log}`` ranges)
+and its ``search:`` section.
 
 A range is sampled by random search (uniformly, or log-uniformly with ``log: true``) and by
 Optuna; grid search refuses it. Integer settings (``depth``, ``width``) take integer ends and
@@ -8,12 +9,14 @@ draw integers.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-__all__ = ["Range", "axis_values", "draw", "range_paths", "searchable", "search_axis"]
+__all__ = [
+    "EPOCH_METRICS", "Range", "SchedulerSpec", "SearchSpec", "axis_values", "draw", "range_paths", "searchable", "search_axis",
+]
 
 
 class Range(BaseModel):
@@ -108,3 +111,34 @@ def range_paths(node: Any, path: str = "") -> list[str]:
     if isinstance(node, (list, tuple)):
         return [p for i, item in enumerate(node) for p in range_paths(item, f"{path}[{i}]")]
     return []
+
+
+EPOCH_METRICS = ("val/accuracy", "val/loss", "train/accuracy", "train/loss")  # reported every epoch
+
+
+class SchedulerSpec(BaseModel):
+    """ASHA early stopping on one metric that every epoch reports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["asha"] = "asha"
+    metric: Literal[EPOCH_METRICS] = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    grace_period: Annotated[int, Field(ge=1)] = 1  # epochs every trial runs before it can be stopped
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
+class SearchSpec(BaseModel):
+    """How trials are chosen. grid: every combination of the lists; random: ``num_samples`` draws
+    of the ranges per combination of the lists; optuna: ``num_samples`` trials chosen by TPE over
+    lists (as choices) and ranges, towards the objectives (several: a Pareto front)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    # what "best" means: for the report's order and Pareto front, and what Optuna optimises
+    objectives: Annotated[dict[str, Literal["max", "min"]], Field(min_length=1)] = {"val/accuracy": "max"}
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: as many as the resources allow
+    scheduler: SchedulerSpec | None = None

@@ -36,7 +36,7 @@ from probing.heads import HEADS
 from probing.losses import LOSSES
 from probing.registry import Registry
 from sweeps.spec_files import SpecError, expand_variables, problem_lines
-from sweeps.space import Range, axis_values, draw, range_paths, search_axis, searchable
+from sweeps.space import EPOCH_METRICS, Range, SearchSpec, axis_values, draw, range_paths, search_axis, searchable
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
 
@@ -277,33 +277,6 @@ class EvaluateSpec(Strict):
         if not any(layer in METHODS.get(m).layers for m in self.methods for layer in self.layers):
             raise ValueError(f"none of the methods {self.methods} is defined at the layers {self.layers}")
         return self
-
-
-EPOCH_METRICS = ("val/accuracy", "val/loss", "train/accuracy", "train/loss")  # reported every epoch
-
-
-class SchedulerSpec(Strict):
-    """ASHA early stopping on one metric that every epoch reports."""
-
-    type: Literal["asha"] = "asha"
-    metric: Literal[EPOCH_METRICS] = "val/accuracy"
-    mode: Literal["max", "min"] = "max"
-    grace_period: Annotated[int, Field(ge=1)] = 1  # epochs every trial runs before it can be stopped
-    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
-
-
-class SearchSpec(Strict):
-    """How trials are chosen. grid: every combination of the lists; random: ``num_samples`` draws
-    of the ranges per combination of the lists; optuna: ``num_samples`` trials chosen by TPE over
-    lists (as choices) and ranges, towards the objectives (several: a Pareto front)."""
-
-    algorithm: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0
-    # what "best" means: for the report's order and Pareto front, and what Optuna optimises
-    objectives: Annotated[dict[str, Literal["max", "min"]], Field(min_length=1)] = {"val/accuracy": "max"}
-    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: as many as the resources allow
-    scheduler: SchedulerSpec | None = None
 
 
 class ResourcesSpec(Strict):
