@@ -98,7 +98,7 @@ def ray_start_stop() -> float:
     import ray
 
     start = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.shutdown()
     return time.perf_counter() - start
 

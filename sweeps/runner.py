@@ -303,7 +303,9 @@ def _drive(outcome: SweepOutcome, spec: SweepSpec, make_tuner, address: str | No
     try:
         with ray_output_to(log_file) as reroute:
             ray.init(
-                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                # "local": a new instance even where `ray start` left a cluster address behind (a
+                # plain ray.init() would try to join it, and wait forever if it is gone)
+                address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                 runtime_env={"env_vars": TRIAL_ENV} if address is None else None,
             )  # fmt: skip
             reroute()

@@ -5,6 +5,7 @@ with its client. Nothing may be left running afterwards.
 """
 
 import math
+import os
 import subprocess
 import sys
 import time
@@ -44,6 +45,14 @@ FINAL_METRICS = {
 def sweep(tmp_path_factory, session_root):
     workdir = tmp_path_factory.mktemp("e2e")
     (workdir / "e2e.yaml").write_text(yaml.safe_dump(SPEC))
+    # the address of a cluster that `ray start` left behind and that is gone: the sweep must start
+    # its own Ray instead of trying to join it
+    from ray._common.utils import get_ray_address_file
+
+    stale = Path(get_ray_address_file(None))
+    assert stale.is_relative_to(os.environ["RAY_TMPDIR"])  # this session's, not the machine's
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("127.0.0.1:9")
     result = subprocess.run(
         [PROBESWEEP, "run", "e2e.yaml", "--name", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=900
     )
@@ -114,7 +123,6 @@ def _free_port() -> int:
 
 def test_ui_command_serves_the_sweep_over_http(sweep):
     import json
-    import os
     import signal
     import urllib.request
 
