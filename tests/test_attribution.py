@@ -204,17 +204,27 @@ def test_bcos_explanation_sums_to_the_logit_and_is_ixg_without_bcos_modules(mode
 @pytest.mark.parametrize("layer", ["input", "middle", "final"])
 def test_lrp_equals_zennit_per_image(model, inputs, layer):
     from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox, LayerMapComposite, layer_map_base
+    from zennit.rules import Epsilon, Gamma
+    from zennit.torchvision import ResNetCanonizer
+    from zennit.types import Convolution
 
-    from evaluation.attribution.lrp import lrp_composite
+    from evaluation.attribution.lrp import BasicBlockCanonizer
 
     images, targets = inputs
     x = model.preprocess(images)
     ours = create_method("lrp")(model, x, targets, layer=layer)
     activation = model.forward_to(x, layer)
 
-    def zennit_plain(ai, t):
+    def zennit_plain(ai, t):  # zennit's own rules, as the reference code composes them
+        canonizers = [ResNetCanonizer(), BasicBlockCanonizer()]
         bounds = (model.preprocess(torch.zeros_like(images[:1])), model.preprocess(torch.ones_like(images[:1])))
-        composite = lrp_composite(*bounds) if layer == "input" else lrp_composite()
+        rules = layer_map_base() + [(Convolution, Gamma(gamma=0.25)), (nn.Linear, Epsilon())]
+        composite = (
+            EpsilonGammaBox(*bounds, canonizers=canonizers)
+            if layer == "input"
+            else LayerMapComposite(layer_map=rules, canonizers=canonizers)
+        )
         with Gradient(FromLayer(model, layer), composite) as attributor:
             _, relevance = attributor(ai.clone().requires_grad_(True), torch.eye(10, dtype=ai.dtype)[[t]])
         return _upsampled(relevance, (32, 32))

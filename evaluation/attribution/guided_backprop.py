@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from evaluation.attribution.common import target_gradients, to_image_size
+from evaluation.attribution.folding import gradient_model
 
 __all__ = ["guided_backprop", "guided_relus"]
 
@@ -49,6 +50,6 @@ def guided_backprop(
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
-    with guided_relus(model):
+    with guided_relus(gradient_model(model)):  # the copy that target_gradients differentiates
         _, gradient = target_gradients(model, images, targets, layer, activation)
     return to_image_size(gradient.sum(dim=1), images.shape[-2:])

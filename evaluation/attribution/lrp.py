@@ -7,6 +7,8 @@ canonizers (zennit's for torchvision ResNets and VGGs, :class:`BasicBlockCanoniz
 embedded ResNets). At an inner layer (ML-Att) the activation is the input and every convolution
 gets the Gamma rule (an activation after a ReLU is not a bounded pixel). Relevance starts as the
 one-hot target per row, so all rows run in one zennit pass; maps sum relevance over channels.
+The Gamma rule on Conv1d/2d/3d is :class:`~evaluation.attribution.lrp_gamma.CachedGamma`, zennit's
+rule with its modified forward passes done once per forward pass: the targets of a grid share them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
+from evaluation.attribution.lrp_gamma import CachedGamma
 
 __all__ = ["lrp", "lrp_composite", "BasicBlockCanonizer"]
 
@@ -48,9 +51,11 @@ def lrp_composite(low: torch.Tensor | None = None, high: torch.Tensor | None = N
     from zennit.types import Convolution
 
     canonizers = [ResNetCanonizer(), BasicBlockCanonizer()]  # ResNetCanonizer merges BatchNorm everywhere too
+    # zennit's Gamma rule, computed once per forward pass instead of once per target (lrp_gamma.py)
+    cached = [((nn.Conv1d, nn.Conv2d, nn.Conv3d), CachedGamma(gamma=gamma))]
     if low is not None:
-        return EpsilonGammaBox(low=low, high=high, gamma=gamma, canonizers=canonizers)
-    layer_map = layer_map_base() + [(Convolution, Gamma(gamma=gamma)), (nn.Linear, Epsilon())]
+        return EpsilonGammaBox(low=low, high=high, gamma=gamma, canonizers=canonizers, layer_map=cached)
+    layer_map = cached + layer_map_base() + [(Convolution, Gamma(gamma=gamma)), (nn.Linear, Epsilon())]
     return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
 
 
@@ -88,5 +93,5 @@ def lrp(
     # that repeat one activation (the targets of a grid) share the forward pass
     k = 1 if hasattr(model, "rows") else repeated_rows(activation)
     with lrp_composite(low, high, gamma).context(_FromLayer(model, layer)) as modified:
-        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k, vectorised=True)
+        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k)
     return to_image_size(relevance.sum(dim=1), images.shape[-2:])
