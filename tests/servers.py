@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_HOST_SERVER = REPO / "cluster" / "mlflow" / "server-single-host.sh"
+TEAM_SERVER = REPO / "cluster" / "mlflow" / "server-team.sh"
 
 
 def free_port() -> int:
@@ -70,12 +72,33 @@ def ray_node(*, head_port: int, num_cpus: int, dashboard_port: int | None = None
         stop_group(node)
 
 
-class MlflowServer:
-    """``cluster/mlflow/server-single-host.sh`` on 127.0.0.1 with its data in ``data_dir``; it can
-    be stopped and started again on the same port and data (a restart)."""
+def _wait_until(ready, process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+    """Poll ``ready()`` until it is true; fail early, naming the log, if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        assert process.poll() is None, f"{what} exited; the end of {log}:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"{what} did not answer in {timeout} s: see {log}"
+        time.sleep(0.5)
 
-    def __init__(self, data_dir: Path, port: int | None = None):
+
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.status == 200
+
+
+class MlflowServer:
+    """``cluster/mlflow/server-single-host.sh`` on 127.0.0.1 with its data in ``data_dir`` (or
+    ``script`` with the settings ``env``, its log beside ``data_dir``); it can be stopped and
+    started again on the same port and data (a restart)."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, script: Path = SINGLE_HOST_SERVER, env=None):
         self.data_dir, self.port = data_dir, port or free_port()
+        self.script, self.env = script, env or {"MLFLOW_DATA_DIR": str(data_dir)}
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -83,26 +106,17 @@ class MlflowServer:
         """Start the server; returns its URL once /health answers."""
         env = {
             **os.environ,
-            "MLFLOW_DATA_DIR": str(self.data_dir),
+            **self.env,
             "MLFLOW_PORT": str(self.port),
             "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")),
         }
         log = self.data_dir.parent / f"mlflow-server-{self.port}.log"
         with open(log, "a") as out:
             self.process = subprocess.Popen(
-                ["bash", str(SINGLE_HOST_SERVER)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                ["bash", str(self.script)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        return self.url
-            except OSError:
-                pass
-            assert self.process.poll() is None, f"the MLflow server exited: see {log}"
-            assert time.monotonic() < deadline, f"the MLflow server did not answer in {timeout} s: see {log}"
-            time.sleep(0.5)
+        _wait_until(lambda: _answers(f"{self.url}/health"), self.process, "the MLflow server", log, timeout)
+        return self.url
 
     def stop(self) -> None:
         if self.process is not None:
@@ -118,3 +132,75 @@ def mlflow_server(data_dir: Path, port: int | None = None):
         yield server.start()
     finally:
         server.stop()
+
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program (Debian keeps them out of PATH, under /usr/lib/postgresql/N/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    return str(found[-1]) if found else shutil.which(name)
+
+
+@contextmanager
+def postgres_server(data_dir: Path):
+    """A throwaway PostgreSQL server on 127.0.0.1 (``initdb``, then ``postgres`` in its own process
+    group, stopped by its id), trust authentication for user ``mlflow``, database ``mlflow``.
+    PostgreSQL refuses to run as root: as root it runs as the ``postgres`` system user. Yields the
+    ``postgresql://`` URI."""
+    import psycopg
+
+    port, as_user = free_port(), []
+    data_dir.mkdir(parents=True)
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chown(data_dir, user.pw_uid, user.pw_gid)
+        for parent in data_dir.parents:  # let that user reach its folder (traverse only)
+            if parent.stat().st_uid == 0 and not parent.stat().st_mode & 0o001:
+                parent.chmod(parent.stat().st_mode | 0o001)
+    log = data_dir.parent / "postgres.log"
+    subprocess.run(
+        [*as_user, postgres_bin("initdb"), "-D", str(data_dir), "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "a"), check=True,
+    )  # fmt: skip
+    with open(log, "a") as out:
+        process = subprocess.Popen(
+            [*as_user, postgres_bin("postgres"), "-D", str(data_dir), "-h", "127.0.0.1", "-p", str(port), "-k", str(data_dir)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        dsn = f"host=127.0.0.1 port={port} user=mlflow"
+
+        def ready() -> bool:
+            try:
+                psycopg.connect(f"{dsn} dbname=postgres").close()
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        _wait_until(ready, process, "PostgreSQL", log, 60)
+        with psycopg.connect(f"{dsn} dbname=postgres", autocommit=True) as connection:
+            connection.execute("CREATE DATABASE mlflow")
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        stop_group(process)
+
+
+@contextmanager
+def s3_server(log_dir: Path):
+    """An S3-compatible object store on 127.0.0.1 (moto's server, in its own process group,
+    stopped by its id). Yields its endpoint URL; any access key is accepted."""
+    port = free_port()
+    log = log_dir / "s3.log"
+    with open(log, "a") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until(lambda: _answers(f"{url}/moto-api/"), process, "the S3 server", log, 60)
+        yield url
+    finally:
+        stop_group(process)

@@ -18,13 +18,14 @@
 #   MLFLOW_ALLOWED_HOSTS          Host headers accepted, e.g. "mlflow.internal,mlflow.internal:5000"
 #   MLFLOW_WORKERS                server worker processes (default 4)
 #   MLFLOW_BIN                    the mlflow executable (default: mlflow on PATH)
-# The server needs `pip install psycopg2-binary boto3` beside mlflow==3.17.2.
+# The server needs `pip install 'psycopg[binary]' boto3` beside mlflow==3.17.2 (SQLAlchemy 2.1
+# reads postgresql:// with psycopg 3; postgresql+psycopg2:// selects psycopg2 instead).
 set -euo pipefail
 
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI=postgresql://USER:PASSWORD@HOST:PORT/DB}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION=s3://BUCKET/PREFIX}"
 case "$MLFLOW_BACKEND_STORE_URI" in
-  postgresql://*|postgresql+psycopg2://*) ;;
+  postgresql://*|postgresql+psycopg://*|postgresql+psycopg2://*) ;;
   *) echo "MLFLOW_BACKEND_STORE_URI must be a postgresql:// URI, got ${MLFLOW_BACKEND_STORE_URI%%://*}://..." >&2; exit 2 ;;
 esac
 case "$MLFLOW_ARTIFACTS_DESTINATION" in
