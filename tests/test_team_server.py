@@ -25,8 +25,8 @@ def team_server(tmp_path_factory):
     with postgres_server(folder / "pg") as database, s3_server(folder) as endpoint:
         credentials = {"AWS_ACCESS_KEY_ID": "probesweep", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
         s3 = boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id="probesweep", aws_secret_access_key="secret",
+            "s3", endpoint_url=endpoint, region_name=credentials["AWS_DEFAULT_REGION"],
+            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"], aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
         )  # fmt: skip
         s3.create_bucket(Bucket="probesweep-mlflow")
         env = {

@@ -50,11 +50,12 @@ def _transposed_fast(conv: nn.modules.conv._ConvNd, weight: torch.Tensor, grad: 
 
 
 class _GammaRelevance(torch.autograd.Function):
-    """Forward: the layer's output and the target-independent parts of the rule; backward: the
-    relevance of the layer's input (replaces the gradient there, as zennit's hooks do)."""
+    """Forward: the layer's output ``z`` (computed by the module already) and the target-independent
+    parts of the rule; backward: the relevance of the layer's input (replaces the gradient there,
+    as zennit's hooks do)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, conv: nn.modules.conv._ConvNd, gamma: float, stabilizer: float):
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, conv: nn.modules.conv._ConvNd, gamma: float, stabilizer: float):
         weight, bias = conv.weight, conv.bias
         w_a, w_b = weight + gamma * weight.clamp(min=0), weight + gamma * weight.clamp(max=0)
         b_a = b_b = None
@@ -62,7 +63,6 @@ class _GammaRelevance(torch.autograd.Function):
             b_a, b_b = bias + gamma * bias.clamp(min=0), bias + gamma * bias.clamp(max=0)
         x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
         has_neg = bool((x_neg != 0).any())
-        z = conv._conv_forward(x, weight, bias)
         d_pos, d_neg = conv._conv_forward(x_pos, w_a, b_a), conv._conv_forward(x_pos, w_b, b_b)
         if has_neg:
             d_pos = d_pos + conv._conv_forward(x_neg, w_b, None)
@@ -73,7 +73,7 @@ class _GammaRelevance(torch.autograd.Function):
         ctx.positive, ctx.negative = positive, negative
         ctx.conv, ctx.w_a, ctx.w_b, ctx.has_neg = conv, w_a, w_b, has_neg
         ctx.save_for_backward(x)
-        return z
+        return z.clone()  # the module's own output, now with this function's backward
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -88,7 +88,7 @@ class _GammaRelevance(torch.autograd.Function):
         if ctx.has_neg:
             back = transposed(conv, ctx.w_b, s_pos, x) + transposed(conv, ctx.w_a, s_neg, x)
             relevance = relevance + x.clamp(max=0) * back
-        return relevance, None, None, None
+        return relevance, None, None, None, None
 
 
 class CachedGamma:
@@ -110,7 +110,7 @@ class CachedGamma:
         x = inputs[0]
         if not torch.is_grad_enabled() or not x.requires_grad:
             return None
-        return _GammaRelevance.apply(x, module, self.gamma, self.stabilizer)
+        return _GammaRelevance.apply(x, output.detach(), module, self.gamma, self.stabilizer)
 
     def register(self, module: nn.Module):
         from zennit.core import RemovableHandleList
