@@ -1,14 +1,17 @@
 """Sweep service vs plain loop: what Ray Tune, MLflow and checkpoints cost a sweep.
 
-The same trials run in one run of this script: called one after another in this process with
-nothing around them (the baseline: a researcher's plain loop, run before and after the service
-and averaged), and through
-``probesweep run`` (a local Ray instance, an MLflow store, a checkpoint per epoch, progress
-lines, the summary). Both use 2 threads per trial and one trial at a time, on warm caches. The
-service's time is then split into where it went, from the ``time/*`` metrics that every trial
+The same trials run in one run of this script, one at a time with 2 threads each, on warm caches:
+- the baseline, a researcher's plain loop: a Python script of its own (``--plain-loop``) that
+  calls the trial's functions one trial after another with nothing around them; its wall time
+  from start to exit, as a user waits for it. It runs before and after the service, averaged.
+- ``probesweep run`` (a local Ray instance, an MLflow store, checkpoints, progress lines, the
+  summary); its wall time from start to exit.
+- for reference, the plain loop inside this warm process (no interpreter start, imports already
+  done): the baseline of the runs before 2026-11-23.
+The service's time is split into where it went, from the ``time/*`` metrics that every trial
 logs and the runs' own start and end times.
 
-    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--epochs 60]      # about 6.5 minutes
+    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--epochs 60]      # about 8 minutes
 
 Last line: ``sweep service vs plain loop: <plain time / service time>x`` (0.9x or more: under
 10% overhead).
@@ -104,26 +107,50 @@ def ray_start_stop() -> float:
     return time.perf_counter() - start
 
 
+def plain_script(trials: int, epochs: int) -> tuple[float, float]:
+    """The plain loop as a script of its own: (wall seconds of the process, seconds of its loop)."""
+    from sweeps.runner import TRIAL_ENV  # the trials' allocator settings, as the service gives them
+
+    command = [sys.executable, __file__, "--plain-loop", "--trials", str(trials), "--epochs", str(epochs)]
+    start = time.perf_counter()
+    result = subprocess.run(command, env={**os.environ, **TRIAL_ENV}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"the plain loop failed:\n{result.stderr[-3000:]}")
+    return wall, float(result.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=60, help="per trial; 60 makes a trial about 30 s here")
+    parser.add_argument("--plain-loop", action="store_true", help="only run the plain loop and print its seconds")
     args = parser.parse_args()
 
-    from sweeps.runner import prepare_caches
     from sweeps.spec import parse_spec
 
     spec_data = bench_spec(args.trials, args.epochs)
     spec = parse_spec(spec_data)
+    if args.plain_loop:
+        seconds = plain_loop(spec)
+        loaded = [m for m in ("ray", "mlflow") if m in sys.modules]
+        assert not loaded, f"a plain loop needs neither Ray nor MLflow, but it imported {loaded}"
+        print(f"plain loop: {seconds:.3f}")
+        return
+
+    from sweeps.runner import prepare_caches
+
     prepare_caches(spec, log=lambda line: None)  # both sides read warm caches
 
     # the plain loop before and after the service, averaged: this shared machine drifts by 10-20%
     # over minutes, and a drift would otherwise count as overhead (or hide it)
-    plain_before = plain_loop(spec)
+    (before, before_loop) = plain_script(args.trials, args.epochs)
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
         total, runs = service(spec_data, Path(folder))
-    plain_after = plain_loop(spec)
-    plain = (plain_before + plain_after) / 2
+    (after, after_loop) = plain_script(args.trials, args.epochs)
+    plain = (before + after) / 2
+    plain_loop(parse_spec(bench_spec(1, 1)))  # this process's first trial imports and sets up what trials use
+    warm = plain_loop(spec)
     ray_alone = ray_start_stop()
 
     def summed(metric: str) -> float:
@@ -131,25 +158,33 @@ def main() -> None:
 
     in_trials = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
     parts = [
-        ("plain loop: train + explain (baseline, mean of the two)", plain),
-        ("  plain loop before the service", plain_before),
-        ("  plain loop after the service", plain_after),
-        ("sweep service, in all", total),
+        ("plain loop script, start to exit (baseline, mean of two)", plain),
+        ("  the script before the service", before),
+        ("  the script after the service", after),
+        ("  of which start-up: interpreter, imports, set-up", plain - (before_loop + after_loop) / 2),
+        ("plain loop in this warm process (no start-up)", warm),
+        ("sweep service, start to exit", total),
         ("  trials: training", summed("time/train_s")),
         ("  trials: explaining and scoring", summed("time/evaluate_s")),
         ("  trials: MLflow logging (metrics, figures, probe)", summed("time/tracking_s")),
         ("  trials: checkpoints and tune.report", summed("time/checkpoint_s")),
         ("  trials: set-up (backbone, cached features, head)", in_trials - sum(
             summed(f"time/{k}_s") for k in ("train", "evaluate", "tracking", "checkpoint"))),
-        ("  outside trials: process start, Ray, scheduling, summary", total - in_trials),
+        ("  outside trials: start-up, Ray, scheduling, summary", total - in_trials),
         ("  of which one local Ray start + stop (measured alone)", ray_alone),
     ]  # fmt: skip
-    print(f"{args.trials} trials of {args.epochs} epochs, one at a time, 2 threads each ({torch.get_num_threads()} cores here)")
+    print(f"{args.trials} trials of {args.epochs} epochs, one at a time, 2 threads each ({os.cpu_count()} cores here)")
     print(f"| {'part':<58} | {'seconds':>8} | {'vs plain loop':>13} |")
     print(f"|{'-' * 60}|{'-' * 10}|{'-' * 15}|")
     for name, seconds in parts:
         print(f"| {name:<58} | {seconds:8.1f} | {seconds / plain:12.3f}x |")
     print(f"per trial: plain {plain / args.trials:.1f} s, service {total / args.trials:.1f} s")
+    print(f"service vs the plain loop in a warm process: {warm / total:.2f}x")
+    # drift-free: the trials' own training and explaining in the service, plus the plain script's
+    # start-up, is what the plain loop would have taken at the speed the machine had meanwhile
+    work = summed("time/train_s") + summed("time/evaluate_s")
+    startup = plain - (before_loop + after_loop) / 2
+    print(f"counted within the service's run: extras {total - work:.1f} s, (work + script start-up) / service {(work + startup) / total:.2f}x")
     print(f"sweep service vs plain loop: {plain / total:.2f}x")
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torchvision.transforms import v2
 
 from probing.datasets import DATASETS, Split
 
@@ -45,16 +44,22 @@ def load_image(path: Path):
 
 
 def _to_tensor() -> list:
+    from torchvision.transforms import v2  # here, not at import: torchvision takes ~2 s to import
+
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
 
 
-def _eval_transform(resize: str, size: int) -> v2.Compose:
+def _eval_transform(resize: str, size: int):
+    from torchvision.transforms import v2
+
     if resize == "square":
         return v2.Compose([v2.Resize((size, size), antialias=True), *_to_tensor()])
     return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size), *_to_tensor()])
 
 
-def _train_transform(size: int) -> v2.Compose:
+def _train_transform(size: int):
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *_to_tensor()])
 
 

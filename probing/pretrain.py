@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from probing.datasets import create_dataset
 
@@ -61,6 +60,8 @@ def pretrain_supervised(
 
 def simsiam_views(images: torch.Tensor) -> torch.Tensor:
     """One random view per image: resized crop, small rotation, contrast and noise (digits are not flipped)."""
+    from torchvision.transforms import v2  # here, not at import: torchvision takes ~2 s to import
+
     crop = v2.Compose([v2.RandomResizedCrop(images.shape[-1], scale=(0.5, 1.0), antialias=True), v2.RandomRotation(15)])
     views = torch.stack([crop(image) for image in images])
     contrast = torch.empty(len(images), 1, 1, 1).uniform_(0.5, 1.0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
@@ -178,12 +177,21 @@ def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
     return StagedBackbone(nn.Sequential(stem, model.layer1, model.layer2, model.layer3, model.layer4), config, out)
 
 
-def _register(name: str, arch: str, make, default_url: str | None, checkpoint_format: str, description: str) -> None:
+def _register(name: str, arch: str, make, weights_enum: str | None, checkpoint_format: str, description: str) -> None:
+    """``make`` builds the model; ``weights_enum`` names torchvision's weights enum, whose default URL
+    names the file in the torch hub cache. Both are looked up on use: importing torchvision costs
+    every process that imports the registry (each Ray trial among them) about 2 s."""
+
     def build() -> StagedBackbone:
         return staged_backbone(arch, make())
 
     def load(backbone: StagedBackbone, weights: str | None = None, checkpoint_format: str = checkpoint_format) -> str:
-        path = _weights_file(name, weights, default_url if checkpoint_format == "torchvision" else None)
+        default_url = None
+        if checkpoint_format == "torchvision" and weights_enum is not None:
+            import torchvision
+
+            default_url = getattr(torchvision.models, weights_enum).DEFAULT.url
+        path = _weights_file(name, weights, default_url)
         model = make()
         load_checkpoint(model, path, checkpoint_format)  # checked against the original key names
         backbone.load_state_dict(staged_backbone(arch, model).state_dict(), strict=True)
@@ -192,21 +200,29 @@ def _register(name: str, arch: str, make, default_url: str | None, checkpoint_fo
     BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description))
 
 
+def _torchvision_model(arch: str):
+    def make() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, arch)()
+
+    return make
+
+
 def _bcos_resnet50() -> nn.Module:
     from bcos.models.pretrained import resnet50
 
     return resnet50(pretrained=False)  # the architecture of the package's published checkpoint
 
 
-_TV = torchvision.models
-for _name, _make, _weights in (
-    ("resnet18", _TV.resnet18, _TV.ResNet18_Weights),
-    ("resnet50", _TV.resnet50, _TV.ResNet50_Weights),
-    ("vgg11", _TV.vgg11, _TV.VGG11_Weights),
-    ("vgg16", _TV.vgg16, _TV.VGG16_Weights),
-    ("vit_b_16", _TV.vit_b_16, _TV.ViT_B_16_Weights),
+for _name, _weights in (
+    ("resnet18", "ResNet18_Weights"),
+    ("resnet50", "ResNet50_Weights"),
+    ("vgg11", "VGG11_Weights"),
+    ("vgg16", "VGG16_Weights"),
+    ("vit_b_16", "ViT_B_16_Weights"),
 ):
-    _register(_name, _name, _make, _weights.DEFAULT.url, "torchvision", f"torchvision {_name}, supervised ImageNet weights")
+    _register(_name, _name, _torchvision_model(_name), _weights, "torchvision", f"torchvision {_name}, supervised ImageNet weights")
 for _scheme in ("dino", "mocov2", "byol"):
-    _register(f"resnet50_{_scheme}", "resnet50", _TV.resnet50, None, _scheme, f"ResNet-50, self-supervised {_scheme} checkpoint")
+    _register(f"resnet50_{_scheme}", "resnet50", _torchvision_model("resnet50"), None, _scheme, f"ResNet-50, self-supervised {_scheme} checkpoint")
 _register("bcos_resnet50", "bcos_resnet50", _bcos_resnet50, None, "bcos", "B-cos ResNet-50 (bcos package checkpoint)")

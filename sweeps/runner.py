@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,9 +20,8 @@ from typing import Callable
 import torch
 import yaml
 
-from sweeps.report import is_localisation_score
 from sweeps.spec import SweepSpec, head_label
-from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
+from sweeps.spec_files import default_tracking_uri  # not sweeps.tracking: MLflow loads while Ray starts
 
 __all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
 
@@ -74,6 +74,7 @@ def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
 def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], None]):
     from ray import tune
 
+    from sweeps.report import is_localisation_score
     from sweeps.tracking import close_trial_runs
 
     total = outcome.n_trials
@@ -165,14 +166,16 @@ def ray_output_to(log_file: Path):
 
 
 # Trials keep large activations mapped between operations instead of returning them to the OS and
-# faulting them in again (REFERENCE section 7: about 2x on a small CPU). Given to every trial
-# process through Ray's runtime environment: glibc rewrites GLIBC_TUNABLES in the environment a
-# process passes on (only the first setting survives), so inheriting it from the driver is not enough.
-# Only for a Ray instance the driver starts: a job on a cluster sets it in its own runtime env
-# (docs/cluster.md), which a driver's runtime env would replace.
-TRIAL_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"}
+# faulting them in again (REFERENCE section 7: about 2x on a small CPU). glibc's older variables for
+# the two settings, because Ray's processes inherit them from the driver as they are (glibc rewrites
+# GLIBC_TUNABLES in the environment a process passes on: only its first setting survives), and
+# because giving them through a Ray runtime env costs every new worker process about 0.9 s.
+# Only for a Ray instance the driver starts: a job on a cluster sets them in its own runtime env
+# (docs/cluster.md).
+TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
 
 RECORD_FILE = "probesweep.yaml"  # beside Ray's experiment state: what `probesweep resume` needs
+DRIVER_LOG = "driver.log"
 
 
 def run_sweep(
@@ -201,33 +204,38 @@ def run_sweep(
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(workdir)
     storage = Path(storage or spec.storage or workdir / "ray_results").expanduser().resolve()
-    if (storage / name).exists():
+    if (storage / name / RECORD_FILE).exists():  # (a sweep whose set-up failed left no record)
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
     n_trials = spec.n_trials()
-
     prepare_caches(spec, log)
-    experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
-    outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
-    runtime = {
-        "tracking_uri": uri,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id,
-        "cache_dir": str(cache_dir()),
-        "threads": max(1, int(spec.resources.cpu)),
-        "objectives": list(spec.search.objectives),
-    }
-    (storage / name).mkdir(parents=True)
-    record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome)}
-    (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
-    log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
 
-    def new_tuner():
+    def start_tracking() -> SweepOutcome:
+        """The experiment and the sweep's parent run (while Ray starts), and the sweep's record."""
+        from sweeps.tracking import ensure_experiment, start_sweep_run
+
+        experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
+        spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
+        outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
+        record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome)}
+        (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+        log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
+        return outcome
+
+    def new_tuner(outcome: SweepOutcome):
         from ray import tune
 
         from sweeps.search import tune_config
 
+        runtime = {
+            "tracking_uri": uri,
+            "experiment_id": outcome.experiment_id,
+            "parent_run_id": outcome.parent_run_id,
+            "cache_dir": str(cache_dir()),
+            "threads": max(1, int(spec.resources.cpu)),
+            "objectives": list(spec.search.objectives),
+            "report_every_epoch": spec.search.scheduler is not None,
+        }
         return tune.Tuner(
             _trainable(spec),
             param_space=trial_param_space(spec, runtime),
@@ -242,7 +250,8 @@ def run_sweep(
             ),
         )
 
-    return _drive(outcome, spec, new_tuner, address, log)
+    (storage / name).mkdir(parents=True, exist_ok=True)
+    return _drive(spec, start_tracking, new_tuner, address, storage / name / DRIVER_LOG, log)
 
 
 def resume_sweep(
@@ -270,10 +279,10 @@ def resume_sweep(
     log(f"resuming sweep {name}: {outcome.n_trials} trials, MLflow {outcome.tracking_uri}, Ray results {folder}")
     prepare_caches(spec, log)  # a fresh node (or a wiped cache) rebuilds what the trials read
 
-    def restored_tuner():
+    def restored_tuner(outcome: SweepOutcome):
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
-    return _drive(outcome, spec, restored_tuner, address, log)
+    return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
 
 
 def _trainable(spec: SweepSpec):
@@ -284,55 +293,84 @@ def _trainable(spec: SweepSpec):
     return tune.with_resources(probe_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def _drive(outcome: SweepOutcome, spec: SweepSpec, make_tuner, address: str | None, log: Callable[[str], None]) -> SweepOutcome:
-    """Start (or join) Ray, fit the tuner, shut Ray down, log the sweep's summary and Pareto front
-    to its MLflow run and close it.
+def _drive(
+    spec: SweepSpec,
+    start_tracking: Callable[[], SweepOutcome],
+    make_tuner: Callable[[SweepOutcome], object],
+    address: str | None,
+    log_file: Path,
+    log: Callable[[str], None],
+) -> SweepOutcome:
+    """Start (or join) Ray while ``start_tracking`` sets up the sweep's MLflow runs in a thread,
+    fit the tuner, shut Ray down, log the sweep's summary and Pareto front to its MLflow run and
+    close it.
+
+    Ray starts in the main thread (the processes it starts die with the thread that started them)
+    and takes about 4 s here; the MLflow set-up about 2 s on a new store: done one after the
+    other, they were the largest part of a sweep's fixed cost (bench/sweep_overhead.py).
 
     Ctrl-C: Ray Tune stops the trials and saves the experiment; the sweep's run is KILLED and
     ``probesweep resume`` continues it (a second Ctrl-C stops at once, with the same result).
     """
     import ray
+
+    log(f"Ray's own messages go to {log_file}")
+    ended_by = "fit"  # or "interrupt" (a second Ctrl-C, while Ray Tune was saving its state), "error"
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as pool:
+        tracking = pool.submit(start_tracking)
+        try:
+            with ray_output_to(log_file) as reroute:
+                try:
+                    if address is None:  # for the processes of the local instance, the trials' among them
+                        for key, value in TRIAL_ENV.items():
+                            os.environ.setdefault(key, value)
+                    # results live in MLflow: Ray Tune's own per-result JSON/CSV/TensorBoard files only
+                    # cost the driver CPU time, which the trials' threads lose on a small machine
+                    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+                    ray.init(
+                        # "local": a new instance even where `ray start` left a cluster address behind (a
+                        # plain ray.init() would try to join it, and wait forever if it is gone)
+                        address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                        # nothing reads Ray's metrics here; exporting them keeps its daemons busy
+                        _system_config={"enable_metrics_collection": False} if address is None else None,
+                    )  # fmt: skip
+                    reroute()
+                    make_tuner(tracking.result()).fit()
+                finally:
+                    ray.shutdown()
+        except KeyboardInterrupt:
+            ended_by = "interrupt"
+            raise
+        except Exception:
+            ended_by = "error"
+            raise
+        finally:  # never leave a run of the sweep RUNNING; count what ended from the runs themselves
+            if tracking.exception() is None:  # (waits for it) else there are no runs: its error is raised
+                outcome = tracking.result()
+                failed, interrupted = _close_sweep(outcome, spec, ended_by, log)
+    if interrupted:
+        log(f"sweep {outcome.name} interrupted: continue it with `probesweep resume {outcome.name}`")
+    return replace(outcome, n_failed=failed, interrupted=interrupted)
+
+
+def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Callable[[str], None]) -> tuple[int, bool]:
+    """Close the trial runs and the sweep's run, with its summary; returns (failed trials, interrupted)."""
     from mlflow import MlflowClient
 
     from sweeps.report import log_sweep_summary
     from sweeps.tracking import close_trial_runs
 
-    log_file = Path(outcome.storage_path) / "driver.log"
-    log(f"Ray's own messages go to {log_file}")
-    ended_by = "fit"  # or "interrupt" (a second Ctrl-C, while Ray Tune was saving its state), "error"
+    uri = outcome.tracking_uri
+    statuses = close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {}, spec.train.epochs)
+    failed = sum(s == "FAILED" for s in statuses.values())
+    # Ray marks the trials it stops on Ctrl-C TERMINATED like finished ones; their runs say KILLED
+    ended = failed + sum(s == "FINISHED" for s in statuses.values())
+    interrupted = ended_by == "interrupt" or (ended_by == "fit" and ended < outcome.n_trials)
+    status = "KILLED" if interrupted else "FINISHED" if ended_by == "fit" and failed == 0 else "FAILED"
     try:
-        with ray_output_to(log_file) as reroute:
-            ray.init(
-                # "local": a new instance even where `ray start` left a cluster address behind (a
-                # plain ray.init() would try to join it, and wait forever if it is gone)
-                address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                runtime_env={"env_vars": TRIAL_ENV} if address is None else None,
-            )  # fmt: skip
-            reroute()
-            try:
-                make_tuner().fit()
-            finally:
-                ray.shutdown()
-    except KeyboardInterrupt:
-        ended_by = "interrupt"
-        raise
-    except Exception:
-        ended_by = "error"
-        raise
-    finally:  # never leave a run of the sweep RUNNING; count what ended from the runs themselves
-        uri = outcome.tracking_uri
-        statuses = close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {}, spec.train.epochs)
-        failed = sum(s == "FAILED" for s in statuses.values())
-        # Ray marks the trials it stops on Ctrl-C TERMINATED like finished ones; their runs say KILLED
-        ended = failed + sum(s == "FINISHED" for s in statuses.values())
-        interrupted = ended_by == "interrupt" or (ended_by == "fit" and ended < outcome.n_trials)
-        status = "KILLED" if interrupted else "FINISHED" if ended_by == "fit" and failed == 0 else "FAILED"
-        try:
-            front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives)
-            log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")
-        except Exception as err:  # the trials' results are in MLflow whatever happens here
-            log(f"could not log the sweep's summary to MLflow: {err}")
-        MlflowClient(uri).set_terminated(outcome.parent_run_id, status)
-    if interrupted:
-        log(f"sweep {outcome.name} interrupted: continue it with `probesweep resume {outcome.name}`")
-    return replace(outcome, n_failed=failed, interrupted=interrupted)
+        front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives)
+        log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")
+    except Exception as err:  # the trials' results are in MLflow whatever happens here
+        log(f"could not log the sweep's summary to MLflow: {err}")
+    MlflowClient(uri).set_terminated(outcome.parent_run_id, status)
+    return failed, interrupted

@@ -209,6 +209,9 @@ class TrainSpec(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum 0.9, x0.1 at 60% and 80%
     augment: bool = False  # train through the backbone with augmentation each epoch (slow) instead of the cache
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the feature cache
+    # a checkpoint (and the MLflow write of the epochs since the last one) at most this often, and
+    # after the last epoch; 0: every epoch. A resumed trial repeats at most this much training.
+    checkpoint_every_s: Annotated[float, Field(ge=0)] = 5.0
 
     @field_validator("warmup_epochs")
     @classmethod

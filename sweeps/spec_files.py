@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 __all__ = ["SpecError", "expand_variables", "problem_lines"]
@@ -82,3 +83,10 @@ def problem_lines(errors: list[dict]) -> list[str]:
     problems = [f"{_yaml_path(e['loc'])}: {_message(e)}" for e in errors]
     # checks across sections name their own path: "(top level): probe.loss: ..." -> "probe.loss: ..."
     return [p.removeprefix("(top level): ") if p.count(": ") > 1 else p for p in problems]
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """A spec's ``tracking.uri`` when it names none: ``sqlite:///<absolute workdir>/mlflow.db``
+    (absolute, because Ray trials change directory). Here, not in ``sweeps.tracking``, so that
+    knowing it imports neither MLflow nor torch."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"

@@ -16,6 +16,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from sweeps.spec_files import default_tracking_uri  # noqa: F401 (part of this module's API)
+
 __all__ = [
     "SWEEP_TAG",
     "TrialRun",
@@ -33,13 +35,9 @@ __all__ = [
 ]
 
 SWEEP_TAG = "probesweep.sweep"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 OBJECTIVES_PARAM = "objectives"  # of the parent run, as JSON
 UI_HOST, UI_PORT = "127.0.0.1", 5000
-
-
-def default_tracking_uri(workdir: Path) -> str:
-    """``sqlite:///<absolute workdir>/mlflow.db``: absolute, because Ray trials change directory."""
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
 def _local_store_dir(uri: str) -> Path | None:
@@ -150,8 +148,9 @@ class TrialRun:
     """The child run of one trial, as a context manager.
 
     On entry it finds the run tagged with this ``trial_id`` under the parent (a retried or
-    restored trial continues its run) or creates it. On exit the run is FINISHED, or FAILED with
-    the error as the tag ``error`` and the artifact ``error.txt``.
+    restored trial continues its run) or creates it. On exit the run is FINISHED; KILLED if Ray
+    stopped the trial before it was ``complete``; or FAILED with the error as the tag ``error``
+    and the artifact ``error.txt``.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str):
@@ -161,6 +160,10 @@ class TrialRun:
         self.run_id = ""
         self.previous_status: str | None = None  # of the run found on entry; None if created
         self.seconds = 0.0  # spent in the logging methods
+        self.unwritten: list[Metric] = []  # logged with later=True, written by flush()
+        # set once the trial has logged all it logs: Ray stopping it after that (ASHA stops a
+        # trial at its last report, Ctrl-C may come) leaves the run FINISHED
+        self.complete = False
 
     def __enter__(self) -> "TrialRun":
         found = self.client.search_runs(
@@ -181,16 +184,31 @@ class TrialRun:
         return dict(self.client.get_run(self.run_id).data.metrics)
 
     @_timed
+    def last_step(self, metric: str) -> int:
+        """The highest step at which ``metric`` was logged to this run; 0 if never."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
+    @_timed
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]  # params are write-once
         if new:
             self.client.log_batch(self.run_id, params=new)
 
-    @_timed
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, later: bool = False) -> None:
+        """Log ``metrics`` at ``step``; with ``later``, kept until the next ``flush()`` (one write for
+        many epochs: each write costs about 12 ms on a local SQLite store)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.unwritten += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if not later:
+            self.flush()
+
+    @_timed
+    def flush(self) -> None:
+        """Write the metrics kept by ``log_metrics(later=True)``."""
+        while self.unwritten:
+            batch, self.unwritten = self.unwritten[:MAX_METRICS_PER_BATCH], self.unwritten[MAX_METRICS_PER_BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch)
 
     @_timed
     def log_figure(self, figure, artifact_file: str) -> None:
@@ -213,9 +231,15 @@ class TrialRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
+        try:
+            self.flush()  # also when the trial failed or was stopped: its epochs so far belong in the run
+        except Exception:
+            if exc is None:
+                raise
+        stopped = exc_type in (SystemExit, KeyboardInterrupt)
+        if exc is None or (stopped and self.complete):
             self.client.set_terminated(self.run_id, "FINISHED")
-        elif exc_type in (SystemExit, KeyboardInterrupt):
+        elif stopped:
             # Ray stopped the trial (early stopping or Ctrl-C: it ends the thread with
             # SystemExit): the driver tells which, see close_trial_runs
             self.client.set_terminated(self.run_id, "KILLED")

@@ -1,9 +1,13 @@
 """The Ray Tune function trainable: one trial = train a probe, explain it, score it, log it.
 
 A trial reads its config, continues its MLflow run if one exists (tag ``trial_id``), resumes from
-``tune.get_checkpoint()`` if there is one, reports every epoch with a checkpoint of the trainer
-state, and adds the localisation scores (and AggAtt figures) to the last epoch. An epoch that
-ended after the last checkpoint Ray saved is trained (and logged) again when the trial resumes.
+``tune.get_checkpoint()`` if there is one, and reports to Ray Tune with a checkpoint of the
+trainer state no more often than every ``train.checkpoint_every_s`` and after the last epoch (and
+every epoch when an early-stopping scheduler reads the results); the epochs' metrics are written
+to MLflow with each checkpoint. The last epoch adds the localisation scores, the AggAtt figures,
+the probe and the trial's timings, all logged before its report: ASHA stops a trial at that report.
+An epoch that ended after the last checkpoint Ray saved is trained again when the trial resumes,
+but logged once: the run's metric history holds each epoch one time.
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 import torch
 import yaml
-from ray import tune
 
 from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery
 from evaluation.epg import evaluate_epg
@@ -32,7 +34,9 @@ from probing.losses import create_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
 from sweeps.spec import DataSpec, EvaluateSpec, head_options
-from sweeps.tracking import TrialRun, flatten
+
+if TYPE_CHECKING:  # Ray and MLflow load in probe_trial: the parts above also run in a plain loop
+    from sweeps.tracking import TrialRun
 
 __all__ = ["probe_trial", "RUNTIME_KEY"]
 
@@ -50,6 +54,7 @@ def _trial_inputs(config: dict[str, Any]):
     train, val = (create_dataset(dataset, split, **data_options) for split in ("train", "val"))
     dtype = getattr(torch, train_spec.pop("feature_dtype"))
     augment = train_spec.pop("augment")
+    train_spec.pop("checkpoint_every_s")  # the trial's, not the trainer's
     val_features = cached_features(backbone, val, dataset, "val", dtype=dtype)
     if augment:  # the faithful, slow path: augmented images through the frozen backbone every epoch
         train_inputs = train.augmented
@@ -112,6 +117,11 @@ def _evaluate(model: ProbedModel, val, loss, evaluate: dict[str, Any], run: Tria
 
 def probe_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; see the module docstring."""
+    import ray
+    from ray import tune
+
+    from sweeps.tracking import TrialRun, flatten
+
     runtime = config[RUNTIME_KEY]
     os.environ["PROBESWEEP_CACHE"] = runtime["cache_dir"]
     torch.set_num_threads(runtime["threads"])
@@ -142,24 +152,42 @@ def probe_trial(config: dict[str, Any]) -> None:
         if checkpoint:
             with checkpoint.as_directory() as folder:
                 trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+        # a resumed trial repeats the epochs after its checkpoint; MLflow may have them already
+        in_mlflow = run.last_step("train/loss") if run.previous_status else 0
+        if run.previous_status:
+            run.set_tags({"resumed_at_epoch": str(trainer.epoch)})
 
         epochs, seconds = config["train"]["epochs"], {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
+        every, last_checkpoint = config["train"]["checkpoint_every_s"], time.monotonic()
         while trainer.epoch < epochs:
             with _timer(seconds, "train"):
                 metrics = trainer.run_epoch()
-            if trainer.epoch == epochs:
+            last = trainer.epoch == epochs
+            if last:
                 with _timer(seconds, "evaluate"):
                     logged = run.seconds
                     metrics |= _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], run)
                     seconds["evaluate"] -= run.seconds - logged  # its figures' upload counts as tracking
-            run.log_metrics(metrics, step=trainer.epoch)
+            if trainer.epoch > in_mlflow:
+                run.log_metrics(metrics, step=trainer.epoch, later=True)
+            report = {**pending, **metrics, "epoch": trainer.epoch}
+            if not last and time.monotonic() - last_checkpoint < every:
+                if runtime.get("report_every_epoch", True):  # an early-stopping scheduler reads every epoch
+                    with _timer(seconds, "checkpoint"):
+                        tune.report(report)
+                continue
+            if last:  # all logged before the last report: ASHA stops a trial there (at its max_t)
+                _log_probe(run, trainer, config)
+                # where this session of the trial spent its time (a resumed trial counts from its resume;
+                # the last checkpoint and metrics write are not counted)
+                times = {f"time/{k}_s": v for k, v in seconds.items()} | {"time/tracking_s": run.seconds}
+                run.log_metrics(times, step=epochs, later=True)
+                run.complete = True
+            run.flush()  # first: the epochs a checkpoint holds are in MLflow, and a resume logs only later ones
             with _timer(seconds, "checkpoint"), tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
-                report = {**pending, **metrics, "epoch": trainer.epoch}
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
-        _log_probe(run, trainer, config)
-        # where this session of the trial spent its time (a resumed trial counts from its resume)
-        run.log_metrics({f"time/{k}_s": v for k, v in seconds.items()} | {"time/tracking_s": run.seconds}, step=epochs)
+            last_checkpoint = time.monotonic()
 
 
 @contextmanager

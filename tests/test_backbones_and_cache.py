@@ -25,6 +25,27 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert not any(tuple(x.flatten().tolist()) in flat_train for x in val.images[:20, 0, ::4, ::4])
 
 
+def test_digits_are_sklearns_digits_read_without_importing_sklearn():
+    from sklearn.datasets import load_digits
+
+    from probing.datasets import _digits_file
+
+    pixels, labels = _digits_file()
+    raw = load_digits()
+    assert pixels.shape == (1797, 64) and (pixels == raw.data).all() and (labels == raw.target).all()
+
+
+def test_a_trial_process_on_embedded_data_imports_neither_sklearn_nor_torchvision():
+    """Each costs every Ray trial process 1-2 s at start (bench/sweep_overhead.py)."""
+    code = (
+        "import sys, sweeps.runner, sweeps.trainable; from probing.backbones import create_backbone; "
+        "from probing.datasets import create_dataset; create_dataset('digits', 'val'); create_backbone('tiny_resnet_sup'); "
+        "print(sorted(m for m in ('sklearn', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_dataset_and_split_are_named():
     with pytest.raises(ValueError, match="unknown dataset 'digit': known are coco2014, digits, imagefolder, voc2007; did you mean 'digits'"):
         create_dataset("digit", "train")

@@ -23,7 +23,10 @@ from conftest import session_processes
 
 pytestmark = pytest.mark.slow
 PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
-EPOCHS, SAMPLES = 6, 6
+EPOCHS, SAMPLES = 8, 6
+# Ctrl-C while a trial has logged this many epochs: past ASHA's rungs (epochs 2 and 4), before its
+# last; small batches make an epoch last long enough (about 0.5 s) to be caught there
+INTERRUPT_AT = (5, 6)
 OBJECTIVES = {"val/accuracy": "max", "gridpg/ixg/input": "max"}
 SPEC = {
     "name": "moo",
@@ -32,7 +35,9 @@ SPEC = {
         "loss": ["ce", "bce"],
         "head": [{"type": "linear"}, {"type": "bcos", "depth": 1, "bcos_b": {"low": 1.0, "high": 2.5}}],
     },
-    "train": {"epochs": EPOCHS, "lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True}},
+    "train": {
+        "epochs": EPOCHS, "batch_size": 4, "lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True}, "checkpoint_every_s": 0,
+    },  # fmt: skip
     "evaluate": {"methods": ["ixg"], "layers": ["input"], "n_grids": 4, "confidence": 0.5},
     "search": {
         "algorithm": "optuna",
@@ -52,6 +57,10 @@ def _children(client):
     return [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
+def _epochs(client, run) -> int:
+    return max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), default=0)
+
+
 def _parent(client):
     experiment = client.get_experiment_by_name("moo")
     return next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
@@ -59,7 +68,7 @@ def _parent(client):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Run, Ctrl-C once one trial has ended and another is past its second epoch, resume."""
+    """Run, Ctrl-C once one trial has ended and another is between ASHA's last rung and its last epoch, resume."""
     workdir = tmp_path_factory.mktemp("moo")
     (workdir / "moo.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -73,7 +82,7 @@ def sweep(tmp_path_factory):
             children = _children(client)
             running = [
                 c for c in children
-                if c.info.status == "RUNNING" and len(client.get_metric_history(c.info.run_id, "train/loss")) >= 2
+                if c.info.status == "RUNNING" and INTERRUPT_AT[0] <= _epochs(client, c) <= INTERRUPT_AT[1]
             ]  # fmt: skip
             if any(c.info.status != "RUNNING" for c in children) and running:
                 break
@@ -90,6 +99,7 @@ def sweep(tmp_path_factory):
         "stderr": err,
         "parent": _parent(client).info.status,
         "children": {c.data.tags["trial_id"]: c.info.status for c in _children(client)},
+        "epochs": {c.data.tags["trial_id"]: _epochs(client, c) for c in _children(client)},
     }
     deadline = time.monotonic() + 60
     while session_processes() and time.monotonic() < deadline:
@@ -110,17 +120,31 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_sweep(sweep):
 
 
 def test_resumed_sweep_ran_every_trial_once(sweep):
-    workdir, client, _, resumed = sweep
+    workdir, client, interrupted, resumed = sweep
     children = _children(client)
     assert len(children) == SAMPLES and len({c.data.tags["trial_id"] for c in children}) == SAMPLES
     assert {c.info.status for c in children} == {"FINISHED"} and _parent(client).info.status == "FINISHED"
-    for child in children:  # a trial resumed from its checkpoint, not from epoch 0
+    for child in children:  # every epoch logged once, also those a resumed trial trained again
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
-        assert steps.count(1) == 1 and set(steps) == set(range(1, max(steps) + 1)) and max(steps) <= EPOCHS, steps
+        assert sorted(steps) == list(range(1, max(steps) + 1)) and max(steps) <= EPOCHS, steps
         stopped = child.data.tags.get("stopped_early")
         assert (stopped is None) == (max(steps) == EPOCHS)
         assert (stopped is None) == ("grids/count" in child.data.metrics)  # explained (a BCE probe may find 0 confident grids)
     assert any("stopped_early" in c.data.tags for c in children), "ASHA stopped no trial"
+    # A trial that Ctrl-C stopped continued from its last checkpoint that Ray had registered. A trial
+    # logs epoch k+1 only after Ray has registered the checkpoint of epoch k (the next step waits
+    # for that save), so a run with m epochs in MLflow resumes at epoch m - 1 or m.
+    killed = [trial_id for trial_id, status in interrupted["children"].items() if status == "KILLED"]
+    interrupted_epochs = {trial_id: interrupted["epochs"][trial_id] for trial_id in killed}
+    resumed_at = {c.data.tags["trial_id"]: int(c.data.tags.get("resumed_at_epoch", -1)) for c in children}
+    for trial_id, epochs in interrupted_epochs.items():
+        assert epochs - 1 <= resumed_at[trial_id] <= epochs, (trial_id, epochs, resumed_at)
+    assert max(interrupted_epochs.values(), default=0) >= INTERRUPT_AT[0], interrupted  # the one caught mid-training
+    for child in children:  # every trial that ran to the end logged its probe, config and timings
+        if "stopped_early" not in child.data.tags:
+            files = {f.path for f in client.list_artifacts(child.info.run_id)}
+            assert {"probe.pt", "trial_config.yaml"} <= files, files
+            assert "time/train_s" in child.data.metrics, child.data.metrics
     # the Optuna study beside the sweep holds every trial once, each told its outcome
     study = optuna.load_study(study_name="moo", storage=f"sqlite:///{workdir / 'ray_results' / 'moo' / 'optuna.db'}")
     states = [t.state.name for t in study.trials]

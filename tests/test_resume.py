@@ -5,7 +5,6 @@ that was running when the driver died continues its own run (from the checkpoint
 experiment snapshot holds); a trial that had finished is not run again.
 """
 
-import collections
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ SPEC = {
     "name": "resume",
     "backbones": ["tiny_resnet_sup"],
     "probe": {"loss": ["ce", "bce"], "head": [{"type": "mlp", "depth": 2, "width": 512}]},
-    "train": {"epochs": EPOCHS, "lr": 1.0e-2, "seed": [0, 1]},
+    # a checkpoint every epoch: the driver is killed while a trial is past its first checkpoints
+    "train": {"epochs": EPOCHS, "lr": 1.0e-2, "seed": [0, 1], "checkpoint_every_s": 0},
     "evaluate": {"methods": ["ixg"], "layers": ["input"], "n_grids": 4, "confidence": 0.5},
     "tracking": {"experiment": "resume"},
 }
@@ -82,11 +82,11 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path):
     for child in children:
         steps = _steps(client, child.info.run_id)
         # a trial that was running continues its run from the checkpoint in Ray's last experiment
-        # snapshot (taken every 10 s at least): the epochs after it are run, and logged, again
-        assert set(steps) == set(range(1, EPOCHS + 1)) and steps[-1] == EPOCHS, steps
+        # snapshot (taken every 10 s at least): the epochs after it are run again, logged once
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
         assert "gridpg/ixg/input" in child.data.metrics
         if child.data.tags["trial_id"] in finished_before:  # not run again
-            assert collections.Counter(steps) == collections.Counter(range(1, EPOCHS + 1))
+            assert "resumed_at_epoch" not in child.data.tags
     parents = [r for r in client.search_runs([children[0].info.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 

@@ -55,3 +55,46 @@ def test_flatten_nested_config():
     assert flatten({"head": {"type": "mlp", "depth": 2}, "lr": 0.01}) == {
         "head.type": "mlp", "head.depth": "2", "lr": "0.01"
     }
+
+
+def test_metrics_kept_for_later_are_written_by_flush_and_when_the_trial_is_stopped(store):
+    uri, experiment_id, parent = store
+    client = MlflowClient(uri)
+    with pytest.raises(SystemExit):  # how Ray ends a trial that the scheduler stops
+        with TrialRun(uri, experiment_id, parent, "t_00002", "probe_trial_t_00002") as run:
+            for step in range(1, 4):
+                run.log_metrics({"train/loss": 1.0 / step}, step=step, later=True)
+            assert client.get_metric_history(run.run_id, "train/loss") == []  # not written yet
+            run.flush()
+            assert run.last_step("train/loss") == 3
+            run.log_metrics({"train/loss": 0.2}, step=4, later=True)
+            run.log_metrics({"train/loss": 0.1, "val/accuracy": 0.9}, step=5, later=True)
+            raise SystemExit(1)
+    history = client.get_metric_history(run.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 0.2), (5, 0.1)]
+    assert client.get_run(run.run_id).info.status == "KILLED" and run.last_step("val/accuracy") == 5
+
+
+def test_a_flush_of_many_epochs_is_split_into_batches_mlflow_accepts(store):
+    uri, experiment_id, parent = store
+    with TrialRun(uri, experiment_id, parent, "t_00003", "probe_trial_t_00003") as run:
+        for step in range(1, 1101):  # 2200 values: MLflow takes at most 1000 per batch
+            run.log_metrics({"train/loss": 1.0, "val/loss": 2.0}, step=step, later=True)
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.run_id, "val/loss")]
+    assert sorted(steps) == list(range(1, 1101))
+
+
+@pytest.mark.parametrize("stop", [SystemExit, KeyboardInterrupt])
+def test_a_trial_stopped_after_it_logged_everything_is_finished(store, stop):
+    """ASHA stops a trial at its last report (its max_t), and Ctrl-C may come after it: a trial
+    that had logged all it logs is FINISHED, one stopped before that KILLED."""
+    uri, experiment_id, parent = store
+    statuses = []
+    for trial_id, complete in (("t_00004", True), ("t_00005", False)):
+        with pytest.raises(stop):
+            with TrialRun(uri, experiment_id, parent, trial_id, f"probe_trial_{trial_id}") as run:
+                run.log_metrics({"val/accuracy": 0.9}, step=1, later=True)
+                run.complete = complete
+                raise stop()
+        statuses.append(MlflowClient(uri).get_run(run.run_id).info.status)
+    assert statuses == ["FINISHED", "KILLED"]
