@@ -136,11 +136,16 @@ def probe_trial(config: dict[str, Any]) -> None:
         # Ray checks that every result holds the searcher's metrics: the objectives are NaN until
         # the probe is explained (and stay NaN for a trial that ASHA stops before that)
         pending = {metric: float("nan") for metric in runtime["objectives"]}
+        epochs = config["train"]["epochs"]
+
+        def report_logged() -> None:
+            # the trial had ended and logged everything before the driver died, but Ray's experiment
+            # state had not caught up: report its results from MLflow instead of training again
+            run.complete = True
+            tune.report({**pending, **run.latest_metrics(), "epoch": epochs})
+
         if run.previous_status == "FINISHED":
-            # Finished before the driver died, but Ray's experiment state had not caught up: its
-            # results are in MLflow already, so report them instead of training again.
-            tune.report({**pending, **run.latest_metrics(), "epoch": config["train"]["epochs"]})
-            return
+            return report_logged()
         run.log_params(flatten({k: v for k, v in config.items() if k != RUNTIME_KEY}))
         node_id = ray.get_runtime_context().get_node_id()
         # the address the node joined the cluster with (several nodes may share a host)
@@ -151,13 +156,17 @@ def probe_trial(config: dict[str, Any]) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as folder:
-                trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+                state = kept_state(Path(folder))
+                if state is not None:
+                    trainer.load_state_dict(torch.load(state, weights_only=True))
         # a resumed trial repeats the epochs after its checkpoint; MLflow may have them already
         in_mlflow = run.last_step("train/loss") if run.previous_status else 0
         if run.previous_status:
             run.set_tags({"resumed_at_epoch": str(trainer.epoch)})
+        if trainer.epoch == epochs:  # its last checkpoint: saved after all was logged
+            return report_logged()
 
-        epochs, seconds = config["train"]["epochs"], {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
+        seconds = {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
         every, last_checkpoint = config["train"]["checkpoint_every_s"], time.monotonic()
         while trainer.epoch < epochs:
             with _timer(seconds, "train"):
@@ -188,6 +197,17 @@ def probe_trial(config: dict[str, Any]) -> None:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
             last_checkpoint = time.monotonic()
+
+
+def kept_state(folder: Path) -> Path | None:
+    """The trainer state in Ray's checkpoint ``folder``. Ray's experiment snapshot lags by seconds
+    and may name a checkpoint that was since deleted (it keeps the newest two): then the newest
+    checkpoint beside it, whose epochs MLflow holds too (it is saved after their write); None if
+    the trial has none left."""
+    if (folder / STATE_FILE).is_file():
+        return folder / STATE_FILE
+    kept = sorted(folder.parent.glob(f"checkpoint_*/{STATE_FILE}"))  # checkpoint_000012: zero-padded
+    return kept[-1] if kept else None
 
 
 @contextmanager

@@ -98,3 +98,16 @@ def test_a_trial_stopped_after_it_logged_everything_is_finished(store, stop):
                 raise stop()
         statuses.append(MlflowClient(uri).get_run(run.run_id).info.status)
     assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_a_resumed_trial_loads_the_newest_kept_checkpoint_when_ray_names_a_deleted_one(tmp_path):
+    """Ray's experiment snapshot lags by seconds and may name a checkpoint that Ray has since
+    deleted (it keeps two): the trial then loads the newest one beside it, not nothing."""
+    from sweeps.trainable import STATE_FILE, kept_state
+
+    for index in (3, 10, 11):  # zero-padded as Ray names them: 000010 sorts after 000003
+        (tmp_path / f"checkpoint_{index:06d}").mkdir()
+        (tmp_path / f"checkpoint_{index:06d}" / STATE_FILE).write_bytes(b"state")
+    assert kept_state(tmp_path / "checkpoint_000003") == tmp_path / "checkpoint_000003" / STATE_FILE  # Ray's own
+    assert kept_state(tmp_path / "checkpoint_000009") == tmp_path / "checkpoint_000011" / STATE_FILE  # deleted
+    assert kept_state(tmp_path / "empty" / "checkpoint_000001") is None
