@@ -2,16 +2,19 @@
 
 The same trials run in one run of this script, one at a time with 2 threads each, on warm caches:
 - the baseline, a researcher's plain loop: a Python script of its own (``--plain-loop``) that
-  calls the trial's functions one trial after another with nothing around them; its wall time
-  from start to exit, as a user waits for it. It runs before and after the service, averaged.
+  calls the trial's functions one trial after another with nothing around them and keeps what a
+  trial produces as files (its figures as PNG files, saved as MLflow's ``log_figure`` saves them;
+  its probe and config); its wall time from start to exit, as a user waits for it. It runs before
+  and after the service, averaged.
 - ``probesweep run`` (a local Ray instance, an MLflow store, checkpoints, progress lines, the
   summary); its wall time from start to exit.
-- for reference, the plain loop inside this warm process (no interpreter start, imports already
-  done): the baseline of the runs before 2026-11-23.
 The service's time is split into where it went, from the ``time/*`` metrics that every trial
-logs and the runs' own start and end times.
+logs and the runs' own start and end times. The ratio against a plain loop that draws its figures
+but saves nothing (the baseline until 2026-11-23 evening) is printed too.
 
-    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--epochs 60]      # about 8 minutes
+    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--seconds 30 | --epochs N]   # about 7 minutes
+
+A trial's epochs are calibrated first so that it lasts ``--seconds`` in the plain loop here.
 
 Last line: ``sweep service vs plain loop: <plain time / service time>x`` (0.9x or more: under
 10% overhead).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,33 +53,62 @@ def bench_spec(trials: int, epochs: int) -> dict:
     }
 
 
-class NoTracking:
-    """Stands in for the trial's MLflow run in the plain loop: figures are drawn, then dropped."""
+class SavedFiles:
+    """Stands in for the trial's MLflow run in the plain loop: what a trial logs (its figures as PNG
+    files, drawn and saved as MLflow's ``log_figure`` saves them, its probe and config) is written
+    to a folder, as a script of one's own keeps its results."""
 
-    seconds = 0.0
+    seconds = 0.0  # what the trial's code reads as its time spent logging
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.saving = 0.0  # seconds spent writing the files
+
+    def _path(self, artifact_file: str) -> Path:
+        path = self.folder / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _write(self, write, *args) -> None:
+        start = time.perf_counter()
+        write(*args)
+        self.saving += time.perf_counter() - start
 
     def log_figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
+        self._write(figure.savefig, self._path(artifact_file))
         plt.close(figure)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._write(self._path(artifact_file).write_text, text)
 
-def plain_loop(spec) -> float:
-    """Every trial of ``spec``, trained and explained in this process: the seconds it took."""
+    def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
+        self._write(shutil.copy, local_path, self._path(Path(local_path).name))
+
+
+def plain_loop(spec) -> tuple[float, float]:
+    """Every trial of ``spec``, trained, explained and saved in this process: (the seconds it took,
+    of which writing files)."""
     from probing.model import ProbedModel
     from sweeps.runner import trial_param_space
-    from sweeps.trainable import _evaluate, _trial_inputs
+    from sweeps.trainable import _evaluate, _log_probe, _trial_inputs
 
     torch.set_num_threads(int(spec.resources.cpu))
     shared = trial_param_space(spec, runtime={})
-    start = time.perf_counter()
-    for trial in spec.trials():
-        config = {**shared, **trial, "train": {**shared["train"], **trial["train"]}}
-        backbone, val, loss, trainer = _trial_inputs(config)
-        while trainer.epoch < spec.train.epochs:
-            trainer.run_epoch()
-        _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], NoTracking())
-    return time.perf_counter() - start
+    saving = 0.0
+    with tempfile.TemporaryDirectory(prefix="plain-loop-") as folder:
+        start = time.perf_counter()
+        for index, trial in enumerate(spec.trials()):
+            config = {**shared, **trial, "train": {**shared["train"], **trial["train"]}}
+            backbone, val, loss, trainer = _trial_inputs(config)
+            while trainer.epoch < spec.train.epochs:
+                trainer.run_epoch()
+            files = SavedFiles(Path(folder) / f"trial_{index}")
+            _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], files)
+            _log_probe(files, trainer, config)
+            saving += files.saving
+        return time.perf_counter() - start, saving
 
 
 def service(spec_data: dict, workdir: Path) -> tuple[float, list]:
@@ -107,8 +140,22 @@ def ray_start_stop() -> float:
     return time.perf_counter() - start
 
 
-def plain_script(trials: int, epochs: int) -> tuple[float, float]:
-    """The plain loop as a script of its own: (wall seconds of the process, seconds of its loop)."""
+def calibrated_epochs(seconds: float) -> int:
+    """The epochs that make one trial last about ``seconds`` in the plain loop on this machine now
+    (its speed drifts by a third over a day): from trials of 2 and 12 epochs, after an uncounted
+    one that does this process's imports."""
+    from sweeps.spec import parse_spec
+
+    plain_loop(parse_spec(bench_spec(1, 1)))
+    short, _ = plain_loop(parse_spec(bench_spec(1, 2)))
+    long, _ = plain_loop(parse_spec(bench_spec(1, 12)))
+    per_epoch = (long - short) / 10
+    return max(2, round(2 + (seconds - short) / per_epoch))
+
+
+def plain_script(trials: int, epochs: int) -> tuple[float, float, float]:
+    """The plain loop as a script of its own: (wall seconds of the process, seconds of its loop, of
+    which writing files)."""
     from sweeps.runner import TRIAL_ENV  # the trials' allocator settings, as the service gives them
 
     command = [sys.executable, __file__, "--plain-loop", "--trials", str(trials), "--epochs", str(epochs)]
@@ -117,25 +164,29 @@ def plain_script(trials: int, epochs: int) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"the plain loop failed:\n{result.stderr[-3000:]}")
-    return wall, float(result.stdout.split()[-1])
+    loop, saving = (float(word) for word in result.stdout.split()[-2:])
+    return wall, loop, saving
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=60, help="per trial; 60 makes a trial about 30 s here")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long a trial lasts in the plain loop")
+    parser.add_argument("--epochs", type=int, help="per trial; default: as many as last --seconds here")
     parser.add_argument("--plain-loop", action="store_true", help="only run the plain loop and print its seconds")
     args = parser.parse_args()
 
     from sweeps.spec import parse_spec
 
+    if args.epochs is None:
+        args.epochs = calibrated_epochs(args.seconds)
     spec_data = bench_spec(args.trials, args.epochs)
     spec = parse_spec(spec_data)
     if args.plain_loop:
-        seconds = plain_loop(spec)
+        seconds, saving = plain_loop(spec)
         loaded = [m for m in ("ray", "mlflow") if m in sys.modules]
         assert not loaded, f"a plain loop needs neither Ray nor MLflow, but it imported {loaded}"
-        print(f"plain loop: {seconds:.3f}")
+        print(f"plain loop, of which saving files: {seconds:.3f} {saving:.3f}")
         return
 
     from sweeps.runner import prepare_caches
@@ -144,13 +195,12 @@ def main() -> None:
 
     # the plain loop before and after the service, averaged: this shared machine drifts by 10-20%
     # over minutes, and a drift would otherwise count as overhead (or hide it)
-    (before, before_loop) = plain_script(args.trials, args.epochs)
+    before, before_loop, before_saving = plain_script(args.trials, args.epochs)
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
         total, runs = service(spec_data, Path(folder))
-    (after, after_loop) = plain_script(args.trials, args.epochs)
-    plain = (before + after) / 2
-    plain_loop(parse_spec(bench_spec(1, 1)))  # this process's first trial imports and sets up what trials use
-    warm = plain_loop(spec)
+    after, after_loop, after_saving = plain_script(args.trials, args.epochs)
+    plain, saving = (before + after) / 2, (before_saving + after_saving) / 2
+    startup = plain - (before_loop + after_loop) / 2
     ray_alone = ray_start_stop()
 
     def summed(metric: str) -> float:
@@ -161,8 +211,8 @@ def main() -> None:
         ("plain loop script, start to exit (baseline, mean of two)", plain),
         ("  the script before the service", before),
         ("  the script after the service", after),
-        ("  of which start-up: interpreter, imports, set-up", plain - (before_loop + after_loop) / 2),
-        ("plain loop in this warm process (no start-up)", warm),
+        ("  of which start-up: interpreter, imports, set-up", startup),
+        ("  of which saving figures, probes and configs as files", saving),
         ("sweep service, start to exit", total),
         ("  trials: training", summed("time/train_s")),
         ("  trials: explaining and scoring", summed("time/evaluate_s")),
@@ -179,14 +229,12 @@ def main() -> None:
     for name, seconds in parts:
         print(f"| {name:<58} | {seconds:8.1f} | {seconds / plain:12.3f}x |")
     print(f"per trial: plain {plain / args.trials:.1f} s, service {total / args.trials:.1f} s")
-    print(f"service vs the plain loop in a warm process: {warm / total:.2f}x")
+    print(f"against a plain loop that saves no files (the earlier baseline): {(plain - saving) / total:.2f}x")
     # drift-free: the trials' own training and explaining in the service, plus the plain script's
-    # start-up, is what the plain loop would have taken at the speed the machine had meanwhile
-    work = summed("time/train_s") + summed("time/evaluate_s")
-    startup = plain - (before_loop + after_loop) / 2
-    print(f"counted within the service's run: extras {total - work:.1f} s, (work + script start-up) / service {(work + startup) / total:.2f}x")
+    # start-up and file writing, is what the plain loop would have taken at the machine's speed meanwhile
+    work = summed("time/train_s") + summed("time/evaluate_s") + startup + saving
+    print(f"counted within the service's run: extras {total - work:.1f} s, (work + script start-up + saving) / service {work / total:.2f}x")
     print(f"sweep service vs plain loop: {plain / total:.2f}x")
-
 
 if __name__ == "__main__":
     main()
