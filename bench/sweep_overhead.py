@@ -236,5 +236,6 @@ def main() -> None:
     print(f"counted within the service's run: extras {total - work:.1f} s, (work + script start-up + saving) / service {work / total:.2f}x")
     print(f"sweep service vs plain loop: {plain / total:.2f}x")
 
+
 if __name__ == "__main__":
     main()
