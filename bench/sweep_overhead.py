@@ -12,7 +12,7 @@ The service's time is split into where it went, from the ``time/*`` metrics that
 logs and the runs' own start and end times. The ratio against a plain loop that draws its figures
 but saves nothing (the baseline until 2026-11-23 evening) is printed too.
 
-    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--seconds 30 | --epochs N]   # about 7 minutes
+    .venv/bin/python bench/sweep_overhead.py [--trials 4] [--seconds 30 | --epochs N]   # about 9 minutes
 
 A trial's epochs are calibrated first so that it lasts ``--seconds`` in the plain loop here.
 
@@ -57,8 +57,6 @@ class SavedFiles:
     """Stands in for the trial's MLflow run in the plain loop: what a trial logs (its figures as PNG
     files, drawn and saved as MLflow's ``log_figure`` saves them, its probe and config) is written
     to a folder, as a script of one's own keeps its results."""
-
-    seconds = 0.0  # what the trial's code reads as its time spent logging
 
     def __init__(self, folder: Path):
         self.folder = folder
