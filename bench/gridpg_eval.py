@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 from evaluation.attribution import create_method
-from evaluation.attribution.folding import gradient_model
+from evaluation.attribution.folding import merged_batchnorm
 from probing.heads import create_head
 from probing.model import ProbedModel
 from probing.zoo import IMAGENET_MEAN, IMAGENET_STD, staged_backbone
@@ -77,7 +77,8 @@ def _naive(method: str, model: ProbedModel, x: torch.Tensor, target: int, steps:
 def _batched(method: str, model: ProbedModel, grid_inputs: torch.Tensor, targets: torch.Tensor, steps: int):
     layer, cells = LAYERS[method], len(targets) // len(grid_inputs)
     with torch.no_grad():
-        shared = gradient_model(model).forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+        with merged_batchnorm(model):
+            shared = model.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
     inputs = grid_inputs.repeat_interleave(cells, dim=0)
     options = {"n_steps": steps, "internal_batch_size": 8} if method == "intgrad" else {}
     return create_method(method)(model, inputs, targets, layer=layer, activation=shared, **options)

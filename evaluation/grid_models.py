@@ -57,6 +57,10 @@ class _GridModel(nn.Module):
             raise ValueError(f"map size {tuple(x.shape[-2:])} is not divisible by grid {self.grid}")
         return self.cells.repeat(len(x) // len(self.cells))
 
+    @property
+    def bcos_input(self) -> bool:
+        return getattr(self.model, "bcos_input", False)
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.preprocess(images)
 

@@ -12,7 +12,7 @@ import torch
 
 from evaluation.attribution import create_method
 from evaluation.attribution.common import model_rows
-from evaluation.attribution.folding import gradient_model
+from evaluation.attribution.folding import merged_batchnorm
 from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
@@ -121,8 +121,8 @@ def evaluate_gridpg(
             first_rows = model_rows(explained, torch.arange(0, len(inputs), cells))
 
             def shared_activation(layer: str) -> torch.Tensor:  # one forward per grid serves all its targets
-                # BatchNorm merged on plain models: the same activation, a faster forward pass
-                return gradient_model(first_rows).forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+                with merged_batchnorm(first_rows):  # the same activation, a faster forward pass
+                    return first_rows.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
 
             for method, layer, maps in explain_pairs(
                 explained, inputs, targets, pairs, shared_activation, activation, smoothing

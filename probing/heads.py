@@ -24,6 +24,7 @@ __all__ = [
     "HEADS",
     "HEAD_INPUTS",
     "Head",
+    "Pointwise",
     "create_head",
     "list_heads",
     "default_logit_bias",
@@ -34,8 +35,17 @@ HEADS: Registry = Registry("head")
 HEAD_INPUTS = ("spatial", "pooled")
 
 
+class Pointwise(nn.Conv2d):
+    """A fully connected layer applied at every position (a 1x1 convolution). Its own type so that
+    LRP gives it the rule of a linear layer (Epsilon), as zennit does to torchvision's ``fc``."""
+
+
 class Head(nn.Module):
     """1x1-convolution body and global average pooling (after or before it), then a logit bias.
+
+    Pooling is a module (``nn.AdaptiveAvgPool2d``), as in torchvision's ResNet, so that LRP applies
+    its pooling rule there (REFERENCE section 4). The logit bias is a buffer: it is saved with the
+    probe's state dict.
 
     Args:
         body (nn.Module): (B, C, h, w) -> (B, K, h, w).
@@ -48,7 +58,9 @@ class Head(nn.Module):
         if input not in HEAD_INPUTS:
             raise ValueError(f"unknown head input {input!r}: known are {', '.join(HEAD_INPUTS)}")
         self.body = body
-        self.logit_bias = float(logit_bias)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        # float64: exact in a float64 model, and a 0-dim tensor leaves float32 logits float32
+        self.register_buffer("logit_bias", torch.tensor(float(logit_bias), dtype=torch.float64))
         self.input = input
         # An affine body commutes with the mean, so pooling first gives the same logits and the
         # same gradients with h*w times less work (the spatial linear probe trains ~2x faster).
@@ -57,8 +69,10 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Feature map (B, C, h, w) -> logits (B, K)."""
         if self.pool_first:
-            features = features.mean(dim=(2, 3), keepdim=True)
-        return self.body(features).mean(dim=(2, 3)) + self.logit_bias
+            logits = self.body(self.pool(features))
+        else:
+            logits = self.pool(self.body(features))
+        return logits.flatten(1) + self.logit_bias
 
 
 def default_logit_bias(loss: str, num_classes: int, head: str = "linear") -> float:
@@ -66,8 +80,8 @@ def default_logit_bias(loss: str, num_classes: int, head: str = "linear") -> flo
     return -math.log(num_classes - 1) if loss.startswith("bce") or head == "bcos" else 0.0
 
 
-def _conv1x1(cin: int, cout: int, std: float | None = None) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, kernel_size=1)
+def _conv1x1(cin: int, cout: int, std: float | None = None) -> Pointwise:
+    conv = Pointwise(cin, cout, kernel_size=1)
     if std is not None:
         nn.init.normal_(conv.weight, std=std)
         nn.init.zeros_(conv.bias)

@@ -27,6 +27,11 @@ class ProbedModel(nn.Module):
     def layers(self) -> tuple[str, ...]:
         return tuple(self.backbone.config.layer_stages)
 
+    @property
+    def bcos_input(self) -> bool:
+        """The input is the B-cos encoding ``[x, 1 - x]`` (perturbation methods perturb x)."""
+        return self.backbone.config.bcos_input
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.preprocess(images)
 

@@ -67,7 +67,8 @@ CAPTUM_AT_LAYER = {"ixg": LayerGradientXActivation, "gradcam": LayerGradCam}
 def test_inner_layer_maps_equal_captum(model, inputs, method, layer):
     images, targets = inputs
     x = model.preprocess(images)
-    ours = create_method(method)(model, x, targets, layer=layer)
+    options = {"relu": False} if method == "gradcam" else {}  # captum's default keeps negative evidence
+    ours = create_method(method)(model, x, targets, layer=layer, **options)
     captum = CAPTUM_AT_LAYER[method](model, model.backbone.stages[LAYER_MODULE[layer]])
     expected = _per_image(lambda xi, t: _upsampled(captum.attribute(xi, target=t), (32, 32)), x, targets)
     if method == "gradcam":
@@ -132,15 +133,18 @@ def _plain_gradient(model, x, targets, layer):
     return target_gradients(model, x, targets, layer)[1]
 
 
-def test_gradcam_relu_equals_captum_relu(model, inputs):
+@pytest.mark.parametrize("layer", ["middle", "final"])
+def test_gradcam_applies_its_relu_before_upsampling_by_default(model, inputs, layer):
     images, targets = inputs
     x = model.preprocess(images)
-    ours = create_method("gradcam")(model, x, targets, layer="final", relu=True)
-    captum = LayerGradCam(model, model.backbone.stages[3])
-    expected = _per_image(
+    ours = create_method("gradcam")(model, x, targets, layer=layer)  # Rao et al.: ReLU, then upsampling
+    captum = LayerGradCam(model, model.backbone.stages[LAYER_MODULE[layer]])
+    expected = _per_image(  # captum's ReLU acts on the layer's map; upsampling comes after
         lambda xi, t: _upsampled(captum.attribute(xi, target=t, relu_attributions=True), (32, 32)), x, targets
     )
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
+    clamped_after = create_method("gradcam")(model, x, targets, layer=layer, relu=False).clamp(min=0)
+    assert not torch.allclose(ours, clamped_after)  # the order matters where bilinear blends signs
 
 
 def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
@@ -210,6 +214,7 @@ def test_lrp_equals_zennit_per_image(model, inputs, layer):
     from zennit.types import Convolution
 
     from evaluation.attribution.lrp import BasicBlockCanonizer
+    from probing.heads import Pointwise
 
     images, targets = inputs
     x = model.preprocess(images)
@@ -219,14 +224,16 @@ def test_lrp_equals_zennit_per_image(model, inputs, layer):
     def zennit_plain(ai, t):  # zennit's own rules, as the reference code composes them
         canonizers = [ResNetCanonizer(), BasicBlockCanonizer()]
         bounds = (model.preprocess(torch.zeros_like(images[:1])), model.preprocess(torch.ones_like(images[:1])))
-        rules = layer_map_base() + [(Convolution, Gamma(gamma=0.25)), (nn.Linear, Epsilon())]
+        pointwise = [(Pointwise, Epsilon())]  # the probe's fully connected layers
+        rules = pointwise + layer_map_base() + [(Convolution, Gamma(gamma=0.25)), (nn.Linear, Epsilon())]
         composite = (
-            EpsilonGammaBox(*bounds, canonizers=canonizers)
+            EpsilonGammaBox(*bounds, canonizers=canonizers, layer_map=pointwise)
             if layer == "input"
             else LayerMapComposite(layer_map=rules, canonizers=canonizers)
         )
         with Gradient(FromLayer(model, layer), composite) as attributor:
-            _, relevance = attributor(ai.clone().requires_grad_(True), torch.eye(10, dtype=ai.dtype)[[t]])
+            one_hot = torch.eye(10, dtype=ai.dtype)[[t]]
+            _, relevance = attributor(ai.clone().requires_grad_(True), lambda out: out * one_hot)  # from the logit
         return _upsampled(relevance, (32, 32))
 
     expected = _per_image(zennit_plain, activation, targets)
@@ -249,25 +256,37 @@ def test_lrp_canonizes_the_residual_sums_of_the_embedded_resnet(model, inputs):
     assert not torch.allclose(ours, uncanonized.sum(dim=1), rtol=1e-2)
 
 
-@pytest.mark.parametrize("layer", ["middle", "final"])
-def test_score_cam_equals_the_grad_cam_package(model, inputs, layer):
-    from pytorch_grad_cam import ScoreCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+def score_cam_reference(model, activation, xi, t, probabilities):
+    """Wang et al.'s Score-CAM for one image and target, channel by channel: each channel's weight is
+    the target's probability for the input masked by its upsampled, min-max scaled map."""
+    size = xi.shape[-2:]
+    weights = []
+    for k in range(activation.shape[1]):
+        upsampled = torch.nn.functional.interpolate(activation[:, k : k + 1], size=size, mode="bilinear", align_corners=True)
+        mask = (upsampled - upsampled.min()) / (upsampled.max() - upsampled.min() + 1e-8)
+        if model.bcos_input:  # mask the image x and encode it again
+            masked = torch.cat([xi[:, :3] * mask, 1 - xi[:, :3] * mask], dim=1)
+        else:
+            masked = xi * mask
+        weights.append(probabilities(model(masked))[0, t])
+    cam = (torch.stack(weights)[None, :, None, None] * activation).sum(dim=1, keepdim=True).clamp(min=0)
+    return _upsampled(cam, size)
 
+
+@pytest.mark.parametrize("layer", ["middle", "final"])
+def test_score_cam_equals_the_papers_formula_per_image(model, inputs, layer):
     images, targets = inputs
     x = model.preprocess(images)
     ours = create_method("scorecam")(model, x, targets, layer=layer, internal_batch_size=40)  # 1-2 rows per pass
-    cam = ScoreCAM(model, target_layers=[model.backbone.stages[LAYER_MODULE[layer]]])
     activation = model.forward_to(x, layer)
 
-    def package(xi, t):
-        a = activation[[int((x == xi).all(dim=(1, 2, 3)).nonzero()[0])]]
-        weights = cam.get_cam_weights(xi, None, [ClassifierOutputSoftmaxTarget(t)], a.numpy(), None)
-        return _upsampled((torch.from_numpy(weights).double()[:, :, None, None] * a), (32, 32))
+    def reference(xi, t):
+        row = int((x == xi).all(dim=(1, 2, 3)).nonzero()[0])
+        return score_cam_reference(model, activation[[row]], xi, t, lambda z: z.softmax(dim=1))
 
-    expected = _per_image(package, x, targets)
-    # the package keeps the scores in float32
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    expected = _per_image(reference, x, targets)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-12)
 
 
 def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_lime(model, inputs):
@@ -293,7 +312,7 @@ def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_li
                 return model(torch.from_numpy(batch).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
 
         explanation = LimeImageExplainer(random_state=0).explain_instance(
-            picture, classify, labels=[t], top_labels=None, hide_color=0, num_samples=60, batch_size=25,
+            picture, classify, labels=[t], top_labels=None, hide_color=None, num_samples=60, batch_size=25,
             segmentation_fn=lambda _: _segmenter()(_as_rgb(xi[0])), random_seed=0,
         )  # fmt: skip
         segments = _segmenter()(_as_rgb(xi[0]))

@@ -2,7 +2,7 @@
 
 ``CachedGamma`` (zennit's Gamma rule with its modified forward passes done once per forward pass)
 against ``zennit.rules.Gamma`` on the cases the ResNets never reach (negative inputs, biases,
-strides, groups, padding modes, 1-d convolutions); ``fold_batchnorm`` against the unfolded model.
+strides, groups, padding modes, 1-d convolutions); ``merged_batchnorm`` against the unmerged model.
 """
 
 import pytest
@@ -12,7 +12,7 @@ from zennit.attribution import Gradient
 from zennit.composites import LayerMapComposite
 from zennit.rules import Epsilon, Gamma, Pass
 
-from evaluation.attribution.folding import fold_batchnorm, gradient_model
+from evaluation.attribution.folding import conv_batchnorm_pairs, merged_batchnorm
 from evaluation.attribution.guided_backprop import guided_backprop
 from evaluation.attribution.lrp_gamma import CachedGamma
 from probing.embedded_backbones import tiny_resnet
@@ -76,18 +76,40 @@ def model():
     return ProbedModel(backbone, head).double().eval().requires_grad_(False)
 
 
-def test_fold_batchnorm_merges_every_conv_batchnorm_pair_and_keeps_the_gradients(model):
-    folded = fold_batchnorm(model.backbone.stages)
-    before = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.stages.modules())
-    assert before == 9 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert type(folded[1]).__name__ == "BasicBlock" and isinstance(folded[1].relu1, nn.ReLU)  # structure kept
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_merged_batchnorm_merges_every_pair_keeps_the_gradients_and_restores_the_model(model):
+    before, parameters = _state(model), [id(p) for p in model.parameters()]
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    grads = [torch.autograd.grad(net(x).sum(), x)[0] for net in (model.backbone.stages, folded)]
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.stages.modules())  # the original untouched
+    plain = torch.autograd.grad(model(x).sum(), x)[0]
+    stages = model.backbone.stages
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stages.modules()) == 9
+    with merged_batchnorm(model) as merged:
+        assert merged is model and not any(isinstance(m, nn.BatchNorm2d) for m in stages.modules())
+        assert type(stages[1]).__name__ == "BasicBlock" and isinstance(stages[1].relu1, nn.ReLU)  # structure kept
+        folded = torch.autograd.grad(model(x).sum(), x)[0]
+        with merged_batchnorm(model):  # nested: nothing left to merge
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in stages.modules())
+    torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-12)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stages.modules()) == 9
+    assert [id(p) for p in model.parameters()] == parameters
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_fold_batchnorm_keeps_a_batchnorm_whose_conv_output_is_used_twice():
+def test_merged_batchnorm_restores_the_model_after_an_error(model):
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_batchnorm(model):
+            raise RuntimeError("inside")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.stages.modules()) == 9
+
+
+def test_merged_batchnorm_keeps_a_batchnorm_whose_conv_output_is_used_twice():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -97,23 +119,10 @@ def test_fold_batchnorm_keeps_a_batchnorm_whose_conv_output_is_used_twice():
             y = self.conv(x)
             return self.bn(y) + y  # merging bn into conv would change the second use
 
-    assert isinstance(fold_batchnorm(Twice().eval()).bn, nn.BatchNorm2d)
+    assert conv_batchnorm_pairs(Twice().eval()) == []
 
 
-def test_gradient_model_is_cached_until_the_weights_change(model):
-    first = gradient_model(model)
-    assert gradient_model(model) is first and first.head is model.head
-    with torch.no_grad():
-        model.backbone.stages[0][1].running_var.mul_(2.0)  # in place: the cached copy is stale
-    second = gradient_model(model)
-    assert second is not first
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    torch.testing.assert_close(second(x), model(x), rtol=1e-10, atol=1e-12)
-    with torch.no_grad():
-        model.backbone.stages[0][1].running_var.div_(2.0)
-
-
-def test_guided_backprop_guides_the_merged_copy(model):
+def test_guided_backprop_differs_from_the_plain_gradient(model):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([1, 2])
     guided = guided_backprop(model, x, targets)

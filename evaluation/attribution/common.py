@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from evaluation.attribution.folding import gradient_model
+from evaluation.attribution.folding import merged_batchnorm
 
 __all__ = [
     "AttributionMethod",
     "LayeredModel",
+    "encoded_perturbation",
     "layer_activation",
+    "model_traits",
+    "restored_afterwards",
     "model_rows",
     "repeated_rows",
     "select_targets",
@@ -31,6 +35,22 @@ class LayeredModel(Protocol):
     def forward_from(self, activation: torch.Tensor, layer: str) -> torch.Tensor: ...
 
 
+#: what a model is built of, as far as methods care: ``bcos`` (B-cos layers, whose dynamic weights
+#: no LRP rule covers) and ``vit`` (attention and GELU: no LRP rule, no ReLU to guide)
+TRAITS = {"bcos": "B-cos layers", "vit": "a vision transformer"}
+
+
+def model_traits(model: torch.nn.Module) -> frozenset[str]:
+    """The :data:`TRAITS` of ``model``, read from its modules."""
+    traits = set()
+    for module in model.modules():
+        if hasattr(module, "set_explanation_mode"):
+            traits.add("bcos")
+        if type(module).__name__ in ("EncoderBlock", "MultiheadAttention"):
+            traits.add("vit")
+    return frozenset(traits)
+
+
 @dataclass(frozen=True)
 class AttributionMethod:
     """A registered method: ``fn(model, images, targets, layer) -> maps (B, H, W)``.
@@ -39,6 +59,7 @@ class AttributionMethod:
         layers: the ML-Att layers at which the method is defined.
         uses_probabilities: ``fn`` takes ``probabilities`` (logits -> probabilities: sigmoid for
             BCE probes, softmax for CE probes; REFERENCE section 4).
+        refuses: model :data:`TRAITS` the method does not apply to, each with the reason.
     """
 
     name: str
@@ -46,11 +67,61 @@ class AttributionMethod:
     layers: tuple[str, ...]
     description: str = ""
     uses_probabilities: bool = False
+    refuses: tuple[tuple[str, str], ...] = ()
+
+    def refusal(self, traits) -> str | None:
+        """Why the method does not apply to a model with ``traits``, or None if it does."""
+        for trait, reason in self.refuses:
+            if trait in traits:
+                return f"method {self.name!r} does not apply to models with {TRAITS[trait]}: {reason}"
+        return None
 
     def __call__(self, model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", **opts):
         if layer not in self.layers:
             raise ValueError(f"method {self.name!r} is not defined at layer {layer!r}: use one of {', '.join(self.layers)}")
+        refused = self.refusal(model_traits(model))
+        if refused:
+            raise ValueError(refused)
         return self.fn(model, images, targets, layer=layer, **opts)
+
+
+@contextmanager
+def restored_afterwards(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Whatever happens inside the block, every module of ``model`` leaves it with the attributes,
+    parameters, buffers, submodules and hooks it had before, and its parameters and buffers with
+    their data. References are kept, nothing is copied. Guards rewrites done by other libraries
+    (zennit's canonizers) that cannot undo a half-done change."""
+    saved = []
+    for module in model.modules():
+        state = vars(module)
+        # the module's own dicts (_parameters, _buffers, _modules, hook dicts) are kept as copies
+        inner = {k: dict(v) for k, v in state.items() if isinstance(v, dict)}
+        tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        saved.append((module, dict(state), inner, [(t, t.data) for t in tensors]))
+    try:
+        yield model
+    finally:
+        for module, state, inner, data in saved:
+            vars(module).clear()
+            vars(module).update(state)
+            for name, contents in inner.items():
+                state[name].clear()
+                state[name].update(contents)
+            for tensor, original in data:
+                tensor.data = original
+
+
+def encoded_perturbation(model, inputs: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``inputs`` where ``keep`` (broadcast over channels) is 1, else ``fill``, blended as
+    ``keep * inputs + (1 - keep) * fill``. On B-cos models (6-channel ``[x, 1 - x]`` input) the
+    image x is perturbed and re-encoded, never the encoding itself (REFERENCE section 4); a tensor
+    ``fill`` is then given in the same encoding, and only its first half is used."""
+    if not getattr(model, "bcos_input", False):
+        return keep * inputs + (1 - keep) * fill
+    half = inputs.shape[1] // 2
+    x_fill = fill[:, :half] if isinstance(fill, torch.Tensor) else fill
+    x = keep * inputs[:, :half] + (1 - keep) * x_fill
+    return torch.cat([x, 1.0 - x], dim=1)
 
 
 def model_rows(model, index):
@@ -94,6 +165,7 @@ def shared_forward_gradients(
     targets: torch.Tensor,
     k: int,
     vectorised: bool = False,
+    from_logit: bool = False,
 ) -> torch.Tensor:
     """Gradients of each row's target logit, for rows that are ``inputs.repeat_interleave(k)``:
     one forward pass of ``inputs`` serves the k targets of each (rows are independent in eval
@@ -104,18 +176,23 @@ def shared_forward_gradients(
         vectorised: ``torch.autograd.grad(..., is_grads_batched=True)``. Measured on ResNet-50
             (bench/gridpg_eval.py): faster for LRP, whose rules recompute each layer in the
             backward pass, slower for plain gradients.
+        from_logit: the backward pass starts at each row's target logit instead of at 1 (LRP's
+            relevance starts as the output times the one-hot target, REFERENCE section 4).
 
     Returns:
         Tensor: (U * k, ...) gradients, in the rows' order.
     """
+    def start(selected: torch.Tensor) -> torch.Tensor:  # d start / d logit: 1, or the logit itself
+        return (selected * selected.detach()).sum() if from_logit else selected.sum()
+
     with torch.enable_grad():
         x = inputs.detach().clone().requires_grad_(True)
         logits = forward(x)
         if k == 1:
-            return torch.autograd.grad(select_targets(logits, targets).sum(), x)[0]
+            return torch.autograd.grad(start(select_targets(logits, targets)), x)[0]
         if not vectorised:
             gradients = [
-                torch.autograd.grad(select_targets(logits, targets[r::k]).sum(), x, retain_graph=r < k - 1)[0]
+                torch.autograd.grad(start(select_targets(logits, targets[r::k])), x, retain_graph=r < k - 1)[0]
                 for r in range(k)
             ]
             return torch.stack(gradients, dim=1).flatten(0, 1)
@@ -124,7 +201,8 @@ def shared_forward_gradients(
         rows = torch.arange(len(logits), device=logits.device)
         for r in range(k):
             select_targets(logits.detach(), targets[r::k])  # checks the targets' type and shape
-            one_hot[r, rows, targets[r::k].to(logits.device)] = 1.0
+            chosen = targets[r::k].to(logits.device)
+            one_hot[r, rows, chosen] = logits.detach()[rows, chosen] if from_logit else 1.0
         (gradients,) = torch.autograd.grad(logits, x, grad_outputs=one_hot, is_grads_batched=True)
     return gradients.transpose(0, 1).flatten(0, 1)  # (k, U, ...) -> rows in (U, k) order
 
@@ -148,8 +226,8 @@ def target_gradients(
     """
     activation = layer_activation(model, images, layer, activation)
     k = 1 if hasattr(model, "rows") else repeated_rows(activation)  # grid models tie rows to cells
-    merged = gradient_model(model)  # BatchNorm merged into the convolutions: same gradients, less work
-    gradient = shared_forward_gradients(lambda a: merged.forward_from(a, layer), activation[::k], targets, k)
+    with merged_batchnorm(model):  # BatchNorm merged into the convolutions: same gradients, less work
+        gradient = shared_forward_gradients(lambda a: model.forward_from(a, layer), activation[::k], targets, k)
     return activation, gradient
 
 

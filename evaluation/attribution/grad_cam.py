@@ -1,8 +1,9 @@
 """Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391).
 
-``map = sum_c mean_hw(d y_t / d a_c) * a_c`` at a convolutional layer, upsampled bilinearly.
-As in captum's ``LayerGradCam``, the final ReLU is off by default (``relu=True`` turns it on), so
-negative evidence is kept; GridPG ignores negative values anyway.
+``map = ReLU(sum_c mean_hw(d y_t / d a_c) * a_c)`` at a convolutional layer, then upsampled
+bilinearly. The ReLU comes before upsampling, as in Rao et al.'s code (REFERENCE section 4); it is
+on by default, unlike captum's ``LayerGradCam`` (``relu_attributions=False``): ``relu=False`` keeps
+the negative evidence (captum's default).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def grad_cam(
     images: torch.Tensor,
     targets: torch.Tensor,
     layer: str = "final",
-    relu: bool = False,
+    relu: bool = True,
     activation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grad-CAM maps.
@@ -29,7 +30,8 @@ def grad_cam(
         images (Tensor): preprocessed inputs (B, C, H, W).
         targets (Tensor): (B,) int64 class to explain per row.
         layer (str): ``middle`` or ``final``. Default: ``final``.
-        relu (bool): clamp negative values of the map. Default: False (captum's default).
+        relu (bool): clamp negative values of the map before upsampling. Default: True (Rao et al.;
+            captum's default is False).
         activation (Tensor): optional, ``model.forward_to(images, layer)`` if already computed.
 
     Returns:

@@ -3,7 +3,9 @@
 Backpropagation in which every ReLU module also zeroes negative gradients. The map is the guided
 gradient with respect to the layer's activation, summed over channels (as captum's
 ``GuidedBackprop`` returns the guided gradient, not gradient x input). ReLUs must be modules
-(``nn.ReLU``), one per use: functional ``torch.relu`` calls cannot be guided.
+(``nn.ReLU``): functional ``torch.relu`` calls cannot be guided. torchvision's ReLUs work in place,
+which a full backward hook refuses (REFERENCE section 6): inside the block they compute out of
+place, and are switched back afterwards.
 """
 
 from __future__ import annotations
@@ -14,24 +16,31 @@ import torch
 from torch import nn
 
 from evaluation.attribution.common import target_gradients, to_image_size
-from evaluation.attribution.folding import gradient_model
 
 __all__ = ["guided_backprop", "guided_relus"]
 
 
 @contextmanager
 def guided_relus(model: nn.Module):
-    """Within the block, each ``nn.ReLU`` of ``model`` passes back only positive gradients."""
+    """Within the block, each ``nn.ReLU`` of ``model`` computes out of place and passes back only
+    positive gradients; hooks and ``inplace`` flags are restored on exit, also after an error."""
 
     def clamp(module, grad_input, grad_output):
         return tuple(None if g is None else g.clamp(min=0) for g in grad_input)
 
-    handles = [m.register_full_backward_hook(clamp) for m in model.modules() if isinstance(m, nn.ReLU)]
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    inplace = [m.inplace for m in relus]
+    handles = []
     try:
+        for m in relus:
+            m.inplace = False
+            handles.append(m.register_full_backward_hook(clamp))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for m, flag in zip(relus, inplace):
+            m.inplace = flag
 
 
 def guided_backprop(
@@ -50,6 +59,6 @@ def guided_backprop(
     Returns:
         Tensor: (B, H, W) attribution maps.
     """
-    with guided_relus(gradient_model(model)):  # the copy that target_gradients differentiates
+    with guided_relus(model):
         _, gradient = target_gradients(model, images, targets, layer, activation)
     return to_image_size(gradient.sum(dim=1), images.shape[-2:])

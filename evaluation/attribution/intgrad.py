@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
-from evaluation.attribution.folding import gradient_model
+from evaluation.attribution.folding import merged_batchnorm
 
 __all__ = ["integrated_gradients", "gauss_legendre"]
 
@@ -54,14 +54,14 @@ def integrated_gradients(
     distinct, per_target = activation[::k], targets.view(-1, k)
     alphas, weights = (t.to(activation.dtype).to(activation.device) for t in gauss_legendre(n_steps))
     steps_per_pass = max(1, internal_batch_size // len(distinct))
-    merged = gradient_model(model)  # BatchNorm merged into the convolutions: same gradients, less work
     integral = torch.zeros_like(activation)
     per_step = (-1,) + (1,) * activation.dim()  # broadcasts a (steps,) vector over (steps, B, C, h, w)
-    for start in range(0, n_steps, steps_per_pass):
-        alpha = alphas[start : start + steps_per_pass]
-        weight = weights[start : start + steps_per_pass]
-        scaled = (alpha.view(per_step) * distinct.unsqueeze(0)).flatten(0, 1)  # (steps * U) rows
-        step_targets = per_target.repeat(len(alpha), 1).flatten()  # (steps * U * k)
-        gradient = shared_forward_gradients(lambda a: merged.forward_from(a, layer), scaled, step_targets, k)
-        integral += (gradient.view(len(alpha), *activation.shape) * weight.view(per_step)).sum(dim=0)
+    with merged_batchnorm(model):  # BatchNorm merged into the convolutions: same gradients, less work
+        for start in range(0, n_steps, steps_per_pass):
+            alpha = alphas[start : start + steps_per_pass]
+            weight = weights[start : start + steps_per_pass]
+            scaled = (alpha.view(per_step) * distinct.unsqueeze(0)).flatten(0, 1)  # (steps * U) rows
+            step_targets = per_target.repeat(len(alpha), 1).flatten()  # (steps * U * k)
+            gradient = shared_forward_gradients(lambda a: model.forward_from(a, layer), scaled, step_targets, k)
+            integral += (gradient.view(len(alpha), *activation.shape) * weight.view(per_step)).sum(dim=0)
     return to_image_size((activation * integral).sum(dim=1), images.shape[-2:])

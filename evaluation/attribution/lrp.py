@@ -2,11 +2,22 @@
 
 As in the reference code: the ZBox rule (bounded by the preprocessed all-0 and all-1 images) on
 the first convolution, the Gamma rule (gamma 0.25) on every other convolution, Epsilon on linear
-layers, BatchNorm merged into the convolution before it and residual sums made explicit by
-canonizers (zennit's for torchvision ResNets and VGGs, :class:`BasicBlockCanonizer` for the
-embedded ResNets). At an inner layer (ML-Att) the activation is the input and every convolution
-gets the Gamma rule (an activation after a ReLU is not a bounded pixel). Relevance starts as the
-one-hot target per row, so all rows run in one zennit pass; maps sum relevance over channels.
+layers (the probe's 1x1 layers, :class:`probing.heads.Pointwise`, are linear layers applied at
+each position, as torchvision's ``fc``), the Norm rule on average pooling (a module in the probe,
+as in torchvision's ResNet), BatchNorm merged into the convolution before it and residual sums made
+explicit by canonizers (zennit's for torchvision ResNets and VGGs, :class:`BasicBlockCanonizer`
+for the embedded ResNets). At an inner layer (ML-Att) the activation is the input and every
+convolution gets the Gamma rule (an activation after a ReLU is not a bounded pixel).
+
+Relevance starts at each row's target logit (the output times the one-hot target, as the How to
+Probe code), not at 1: the rules divide by layer outputs, so starting from 1 would flip the map's
+sign wherever the logit is negative. All rows run in one zennit pass; maps sum relevance over
+channels. B-cos models and vision transformers are refused (no rule covers B-cos layers,
+attention or LayerNorm). zennit's canonizers change the model while they are registered; the model
+is restored afterwards whatever happens (:func:`~evaluation.attribution.common.restored_afterwards`).
+
+In float32 a map depends slightly on which rows share a batch (the convolution kernels chosen
+differ with the batch size): measured on the tiny ResNet, up to 1e-5 of the map's scale.
 The Gamma rule on Conv1d/2d/3d is :class:`~evaluation.attribution.lrp_gamma.CachedGamma`, zennit's
 rule with its modified forward passes done once per forward pass: the targets of a grid share them.
 """
@@ -16,8 +27,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
+from evaluation.attribution.common import (
+    layer_activation,
+    repeated_rows,
+    restored_afterwards,
+    shared_forward_gradients,
+    to_image_size,
+)
 from evaluation.attribution.lrp_gamma import CachedGamma
+from probing.heads import Pointwise
 
 __all__ = ["lrp", "lrp_composite", "BasicBlockCanonizer"]
 
@@ -51,8 +69,9 @@ def lrp_composite(low: torch.Tensor | None = None, high: torch.Tensor | None = N
     from zennit.types import Convolution
 
     canonizers = [ResNetCanonizer(), BasicBlockCanonizer()]  # ResNetCanonizer merges BatchNorm everywhere too
-    # zennit's Gamma rule, computed once per forward pass instead of once per target (lrp_gamma.py)
-    cached = [((nn.Conv1d, nn.Conv2d, nn.Conv3d), CachedGamma(gamma=gamma))]
+    # the probe's pointwise layers are linear layers (first match wins); zennit's Gamma rule on the
+    # other convolutions, computed once per forward pass instead of once per target (lrp_gamma.py)
+    cached = [(Pointwise, Epsilon()), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), CachedGamma(gamma=gamma))]
     if low is not None:
         return EpsilonGammaBox(low=low, high=high, gamma=gamma, canonizers=canonizers, layer_map=cached)
     layer_map = cached + layer_map_base() + [(Convolution, Gamma(gamma=gamma)), (nn.Linear, Epsilon())]
@@ -89,9 +108,16 @@ def lrp(
         # (DiFull feeds it single cells, not the whole grid)
         blank = torch.zeros(1, 3, 1, 1, dtype=images.dtype, device=images.device)
         low, high = model.preprocess(blank), model.preprocess(blank + 1)
-    # relevance starts as 1 at each row's target: the modified gradient of the target logit; rows
-    # that repeat one activation (the targets of a grid) share the forward pass
+    # relevance starts at each row's target logit; rows that repeat one activation (the targets of
+    # a grid) share the forward pass
     k = 1 if hasattr(model, "rows") else repeated_rows(activation)
-    with lrp_composite(low, high, gamma).context(_FromLayer(model, layer)) as modified:
-        relevance = shared_forward_gradients(modified, activation[::k], targets.to(activation.device), k)
+    modified, composite = _FromLayer(model, layer), lrp_composite(low, high, gamma)
+    with restored_afterwards(modified):
+        try:
+            composite.register(modified)
+            relevance = shared_forward_gradients(
+                modified, activation[::k], targets.to(activation.device), k, from_logit=True
+            )
+        finally:
+            composite.remove()
     return to_image_size(relevance.sum(dim=1), images.shape[-2:])

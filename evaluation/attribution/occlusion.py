@@ -4,13 +4,21 @@ A ``window`` x ``window`` patch (all channels) slides with ``stride`` over the a
 layer (ML-Att: at an inner layer the activation is occluded); each position's map value is the
 mean drop over the windows that cover it, as captum's ``Occlusion`` with a zero baseline computes.
 All windows of all rows run batched, ``internal_batch_size`` rows per forward pass.
+
+Windows are fixed sizes, as in Rao et al.'s code: 16 px with stride 8 at the input and the middle
+layer, 5 with stride 2 at the final layer (How to Probe uses 56/28 at the input of 448 px grids:
+``window=56, stride=28``). A window larger than the map is clamped to the map. On B-cos models the
+image x is occluded (set to 0) and re-encoded as ``[x, 1 - x]``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from evaluation.attribution.common import layer_activation, select_targets, to_image_size
+from evaluation.attribution.common import encoded_perturbation, layer_activation, select_targets, to_image_size
+
+#: (window, stride) per layer when none is given (Rao et al.)
+DEFAULT_WINDOWS = {"input": (16, 8), "middle": (16, 8), "final": (5, 2)}
 
 __all__ = ["occlusion"]
 
@@ -33,13 +41,15 @@ def occlusion(
     """Occlusion maps (B, H, W).
 
     Args:
-        window (int): side of the occluding patch, in pixels of the layer. Default: a quarter of
-            the map's side (at least 1). stride (int): default half the window (at least 1).
+        window (int): side of the occluding patch, in pixels of the layer. Default: 16 at the input
+            and middle layer, 5 at the final layer (:data:`DEFAULT_WINDOWS`); at most the map's side.
+        stride (int): Default: 8, or 2 at the final layer (and at most the window).
     """
     activation = layer_activation(model, images, layer, activation)
     batch, _, height, width = activation.shape
-    window = window or max(1, min(height, width) // 4)
-    stride = stride or max(1, window // 2)
+    default_window, default_stride = DEFAULT_WINDOWS.get(layer, DEFAULT_WINDOWS["input"])
+    window = min(window or default_window, height, width)
+    stride = min(stride or default_stride, window)
     full = select_targets(model.forward_from(activation, layer), targets)
     positions = [(y, x) for y in _starts(height, window, stride) for x in _starts(width, window, stride)]
     drops = torch.zeros(batch, height, width, dtype=activation.dtype, device=activation.device)
@@ -49,9 +59,12 @@ def occlusion(
     per_pass = max(1, internal_batch_size // batch)
     for start in range(0, len(positions), per_pass):
         chunk = positions[start : start + per_pass]
-        occluded = activation.repeat(len(chunk), 1, 1, 1)
+        keep = torch.ones(len(chunk) * batch, 1, height, width, dtype=activation.dtype, device=activation.device)
         for i, (y, x) in enumerate(chunk):
-            occluded[i * batch : (i + 1) * batch, :, y : y + window, x : x + window] = 0
+            keep[i * batch : (i + 1) * batch, :, y : y + window, x : x + window] = 0
+        occluded = activation.repeat(len(chunk), 1, 1, 1)
+        # at the input of a B-cos model the image is occluded and re-encoded; activations are zeroed
+        occluded = encoded_perturbation(model, occluded, keep) if layer == "input" else occluded * keep
         scores = select_targets(model.forward_from(occluded, layer), targets.repeat(len(chunk)))
         for i, (y, x) in enumerate(chunk):
             drops[:, y : y + window, x : x + window] += (full - scores[i * batch : (i + 1) * batch])[:, None, None]
