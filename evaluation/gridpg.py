@@ -18,7 +18,19 @@ from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
 from evaluation.smoothing import Smoothing, smooth
 
-__all__ = ["evaluate_gridpg", "explain_pairs", "method_layer_pairs", "predict_probabilities"]
+__all__ = ["evaluate_gridpg", "explain_pairs", "explained_cells", "method_layer_pairs", "predict_probabilities"]
+
+DI_CELLS = ("corners", "all")
+
+
+def explained_cells(setting: str, grid: int, di_cells: str = "corners") -> torch.Tensor:
+    """The cells explained in each grid: every cell for GridPG; for DiFull and DiPart the top-left
+    and bottom-right ones, as Rao et al.'s code (``eval_only_corners``), or all with ``di_cells="all"``."""
+    if di_cells not in DI_CELLS:
+        raise ValueError(f"unknown di_cells {di_cells!r}: known are {', '.join(DI_CELLS)}")
+    if setting == "gridpg" or di_cells == "all":
+        return torch.arange(grid * grid)
+    return torch.tensor([0, grid * grid - 1])
 
 
 def method_layer_pairs(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
@@ -75,6 +87,7 @@ def evaluate_gridpg(
     settings: tuple[str, ...] = ("gridpg",),
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable[..., None] | None = None,
+    di_cells: str = "corners",
 ) -> dict[str, float]:
     """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
@@ -89,16 +102,18 @@ def evaluate_gridpg(
         confidence (float): minimum probability of the correct top-1 class.
         settings: any of ``gridpg``, ``difull``, ``dipart``.
         smoothing: per method name, applied to the maps before scoring. Default: none.
+        di_cells: ``corners`` (DiFull and DiPart explain the top-left and bottom-right cells, as
+            Rao et al.) or ``all``. GridPG explains every cell.
         on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
-            target cells, scores and the batch's grid images (one per ``grid * grid`` rows), e.g.
+            target cells, scores and the batch's grid images (one per explained cells' rows), e.g.
             to build AggAtt figures and example galleries.
 
     Returns:
-        ``<setting>/<method>/<layer>``: mean score over all cells of all grids (absent when no
+        ``<setting>/<method>/<layer>``: mean score over the explained cells of all grids (absent when no
         grid could be built), ``grids/count`` and ``grids/confident_images``.
     """
-    for setting in settings:  # before any work
-        check_setting(setting)
+    # settings checked before any work
+    explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in settings}
     smoothing = smoothing or {}
     confident = confident_mask(predict_probabilities(model, images, activation), labels, confidence)
     grids = build_grids(images, labels, confident, grid, n_grids, seed)
@@ -106,26 +121,27 @@ def evaluate_gridpg(
     if not len(grids):
         return metrics
     device = next(model.parameters()).device
-    cells = grid * grid
     pairs = method_layer_pairs(methods, layers)
     keys = [(setting, method, layer) for setting in settings for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
     for start in range(0, len(grids), grids_per_batch):
         grid_images = grids.images[start : start + grids_per_batch].to(device)
         grid_inputs = model.preprocess(grid_images)
-        inputs = grid_inputs.repeat_interleave(cells, dim=0)  # one row per target
-        targets = grids.classes[start : start + grids_per_batch].flatten().to(device)
-        cell_index = torch.arange(cells, device=device).repeat(len(grid_inputs))
         for setting in settings:
-            explained = grid_model(setting, model, grid, cell_index)
-            first_rows = model_rows(explained, torch.arange(0, len(inputs), cells))
+            chosen = explained[setting].to(device)  # the cells explained in each grid
+            per_grid = len(chosen)
+            inputs = grid_inputs.repeat_interleave(per_grid, dim=0)  # one row per target
+            targets = grids.classes[start : start + grids_per_batch][:, chosen.cpu()].flatten().to(device)
+            cell_index = chosen.repeat(len(grid_inputs))
+            setting_model = grid_model(setting, model, grid, cell_index)
+            first_rows = model_rows(setting_model, torch.arange(0, len(inputs), per_grid))
 
             def shared_activation(layer: str) -> torch.Tensor:  # one forward per grid serves all its targets
                 with merged_batchnorm(first_rows):  # the same activation, a faster forward pass
-                    return first_rows.forward_to(grid_inputs, layer).repeat_interleave(cells, dim=0)
+                    return first_rows.forward_to(grid_inputs, layer).repeat_interleave(per_grid, dim=0)
 
             for method, layer, maps in explain_pairs(
-                explained, inputs, targets, pairs, shared_activation, activation, smoothing
+                setting_model, inputs, targets, pairs, shared_activation, activation, smoothing
             ):
                 score = grid_pointing_game(maps, grid, cell_index)
                 scores[(setting, method, layer)].append(score.cpu())

@@ -47,7 +47,7 @@ def build_grids(
     the returned set is empty (``n_requested`` says how many were asked for).
 
     Args:
-        images (Tensor): (N, C, H, W).
+        images: (N, C, H, W), a tensor or a lazy image list (``probing.image_data.ImageFiles``).
         labels (Tensor): (N,) int64.
         confident (Tensor): (N,) bool from :func:`confident_mask`.
     """
@@ -58,7 +58,7 @@ def build_grids(
     cells = grid * grid
     _, channels, height, width = images.shape
     if len(available) < cells:
-        empty = images.new_zeros((0, channels, grid * height, grid * width))
+        empty = torch.zeros((0, channels, grid * height, grid * width))  # images may be a lazy file list
         return GridSet(empty, torch.zeros(0, cells, dtype=torch.int64), grid, int(confident.sum()), n_grids)
     grid_images, grid_classes = [], []
     for _ in range(n_grids):

@@ -8,7 +8,9 @@ and load their images on demand.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,22 @@ class Split:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """12 hex digits that change when the images or labels change: for files, their resolved
+        paths, sizes and modification times (``stat`` of each file: seconds for ImageNet's 1.28 M on
+        a local disk); for a tensor, its bytes. Keys the feature cache, so that two data sets with the
+        same name and size, or images rewritten in place, never share features."""
+        digest = hashlib.sha256()
+        describe = getattr(self.images, "fingerprint_parts", None)
+        if describe is not None:
+            for part in describe():
+                digest.update(part.encode())
+        else:
+            digest.update(torch.as_tensor(self.images).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(self.labels.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:12]
 
     @property
     def multilabel(self) -> bool:

@@ -1,10 +1,12 @@
 """Feature cache: a frozen backbone's last feature map for a whole split, computed once.
 
 Every trial on a node trains its probe from the same cached tensor instead of running the
-backbone again. A file is keyed by backbone name and weights digest, data set, split, transform
-and dtype; it is written atomically under a file lock (one process computes, the others wait and
-read) and carries the SHA-256 of its tensor, so that a truncated or corrupted file is rebuilt,
-never used.
+backbone again. A file is keyed by backbone name and weights digest, data set, split, transform,
+dtype and the split's fingerprint (its files' resolved paths, sizes and modification times, and
+its labels: ``Split.fingerprint``), so another folder of the same size or an image rewritten in
+place gets features of its own. It is written atomically under a file lock (one process computes,
+the others wait and read) and carries the SHA-256 of its tensor, so that a truncated or corrupted
+file is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ def _checksum(features: torch.Tensor) -> str:
 
 def feature_cache_path(backbone: StagedBackbone, split: Split, dataset: str, split_name: str, dtype: torch.dtype):
     dtype_name = str(dtype).removeprefix("torch.")
-    return (
-        cache_dir() / "features" / f"{backbone.name}-{backbone.digest}" / f"{dataset}-{split_name}-{split.transform}-{dtype_name}.pt"
-    )
+    name = f"{dataset}-{split_name}-{split.transform}-{dtype_name}-{split.fingerprint}.pt"
+    return cache_dir() / "features" / f"{backbone.name}-{backbone.digest}" / name
 
 
 def cached_features(

@@ -57,10 +57,16 @@ def _eval_transform(resize: str, size: int):
     return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size), *_to_tensor()])
 
 
-def _train_transform(size: int):
+#: RandomResizedCrop's area range: torchvision's default for class folders; (0.7, 1) for multi-label
+#: data (VOC, COCO), as the How to Probe configs, so that crops keep the labelled objects
+CROP_SCALE = {"single": (0.08, 1.0), "multilabel": (0.7, 1.0)}
+
+
+def _train_transform(size: int, scale: tuple[float, float]):
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *_to_tensor()])
+    crop = v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), *_to_tensor()])
 
 
 class ImageFiles:
@@ -72,6 +78,12 @@ class ImageFiles:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def fingerprint_parts(self):
+        """Per file: its resolved path, size and modification time (``Split.fingerprint``)."""
+        for path in self.paths:
+            stat = path.stat()
+            yield f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, int):
@@ -103,7 +115,7 @@ def _drop_unreadable(paths: list[Path], skip_corrupt: bool) -> tuple[list[int], 
     return keep, len(paths) - len(keep)
 
 
-def _split(paths, labels, classes, resize, size, skip_corrupt, boxes=None) -> Split:
+def _split(paths, labels, classes, resize, size, skip_corrupt, crop_scale, boxes=None) -> Split:
     keep, skipped = _drop_unreadable(paths, skip_corrupt)
     paths = [paths[i] for i in keep]
     boxes = tuple(boxes[i] for i in keep) if boxes is not None else None
@@ -114,13 +126,16 @@ def _split(paths, labels, classes, resize, size, skip_corrupt, boxes=None) -> Sp
         f"{resize}{size}",
         boxes=boxes,
         skipped=skipped,
-        augmented=ImageFiles(paths, _train_transform(size), size),
+        augmented=ImageFiles(paths, _train_transform(size, crop_scale), size),
     )
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(split: str, root: str, size: int = 224, skip_corrupt: bool = False) -> Split:
-    """ImageNet-style folders ``root/{train,val}/<class>/<image>``; classes are the train folder names, sorted."""
+def imagefolder(
+    split: str, root: str, size: int = 224, skip_corrupt: bool = False, crop_scale: tuple[float, float] | None = None
+) -> Split:
+    """ImageNet-style folders ``root/{train,val}/<class>/<image>``; classes are the train folder names, sorted.
+    ``crop_scale``: the training crop's area range. Default: (0.08, 1), torchvision's."""
     root = _existing(Path(root).expanduser(), "data set folder")
     class_dirs = sorted(p for p in _existing(root / "train", "train folder").iterdir() if p.is_dir())
     classes = [p.name for p in class_dirs]
@@ -135,7 +150,7 @@ def imagefolder(split: str, root: str, size: int = 224, skip_corrupt: bool = Fal
         raise ValueError(f"{folder} has class folders that {root / 'train'} lacks: {', '.join(unknown)}")
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return _split(paths, torch.tensor(labels), classes, "center", size, skip_corrupt)
+    return _split(paths, torch.tensor(labels), classes, "center", size, skip_corrupt, crop_scale or CROP_SCALE["single"])
 
 
 def _square_box(x0, y0, x1, y1, width, height, size) -> list[float]:
@@ -160,9 +175,14 @@ def _voc_root(root: Path) -> Path:
 
 @DATASETS.register("voc2007")
 def voc2007(
-    split: str, root: str, size: int = 224, skip_corrupt: bool = False, image_sets: dict[str, str] | None = None
+    split: str,
+    root: str,
+    size: int = 224,
+    skip_corrupt: bool = False,
+    image_sets: dict[str, str] | None = None,
+    crop_scale: tuple[float, float] | None = None,
 ) -> Split:
-    """PASCAL VOC 2007 as multi-label data with boxes (VOCdevkit layout).
+    """PASCAL VOC 2007 as multi-label data with boxes (VOCdevkit layout); ``crop_scale`` default (0.7, 1).
 
     ``train`` reads ``ImageSets/Main/trainval.txt`` and ``val`` reads ``test.txt`` (as in How to
     Probe); ``image_sets`` maps them otherwise. A class is positive when the image has a box of it
@@ -190,12 +210,15 @@ def voc2007(
             rows.append([VOC_CLASSES.index(name), *_square_box(*box, width, height, size), difficult])
         paths.append(voc / "JPEGImages" / f"{image_id}.jpg")
         boxes.append(torch.tensor(rows, dtype=torch.float32).reshape(-1, 6))
-    return _split(paths, _multi_hot(boxes, len(VOC_CLASSES)), VOC_CLASSES, "square", size, skip_corrupt, boxes)
+    labels, scale = _multi_hot(boxes, len(VOC_CLASSES)), crop_scale or CROP_SCALE["multilabel"]
+    return _split(paths, labels, VOC_CLASSES, "square", size, skip_corrupt, scale, boxes)
 
 
 @DATASETS.register("coco2014")
-def coco2014(split: str, root: str, size: int = 448, skip_corrupt: bool = False) -> Split:
-    """COCO 2014 instances as multi-label data with boxes: ``root/annotations/instances_{train,val}2014.json``
+def coco2014(
+    split: str, root: str, size: int = 448, skip_corrupt: bool = False, crop_scale: tuple[float, float] | None = None
+) -> Split:
+    """COCO 2014 instances as multi-label data with boxes (``crop_scale`` default (0.7, 1)): ``root/annotations/instances_{train,val}2014.json``
     and images in ``root/{train,val}2014``. Classes are the categories sorted by id; crowd boxes are flagged."""
     root = _existing(Path(root).expanduser(), "COCO folder")
     ann_file = _existing(root / "annotations" / f"instances_{split}2014.json", "annotation file")
@@ -216,4 +239,5 @@ def coco2014(split: str, root: str, size: int = 448, skip_corrupt: bool = False)
         rows[ann["image_id"]].append([class_of[ann["category_id"]], *box, float(ann.get("iscrowd", 0))])
     paths = [root / f"{split}2014" / img["file_name"] for img in images]
     boxes = [torch.tensor(rows[img["id"]], dtype=torch.float32).reshape(-1, 6) for img in images]
-    return _split(paths, _multi_hot(boxes, len(categories)), [c["name"] for c in categories], "square", size, skip_corrupt, boxes)
+    labels, names = _multi_hot(boxes, len(categories)), [c["name"] for c in categories]
+    return _split(paths, labels, names, "square", size, skip_corrupt, crop_scale or CROP_SCALE["multilabel"], boxes)

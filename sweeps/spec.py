@@ -97,12 +97,22 @@ class DataSpec(Strict):
     root: str | None = None
     size: Annotated[int, Field(ge=8)] | None = None  # default: the data set's own (digits 32, VOC 224, COCO 448)
     skip_corrupt: bool = False  # leave unreadable images out (and report how many) instead of failing
+    # train.augment's RandomResizedCrop area range; default (0.08, 1) for class folders, (0.7, 1) for
+    # VOC/COCO (How to Probe: smaller crops drop labelled objects while keeping their labels)
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] | None = None
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"low must be <= high, got [{v[0]}, {v[1]}]")
+        return v
 
     @model_validator(mode="after")
     def _root_fits_dataset(self) -> "DataSpec":
         if self.dataset == "digits":
-            if self.root is not None or self.skip_corrupt:
-                raise ValueError("the embedded digits take no root or skip_corrupt")
+            if self.root is not None or self.skip_corrupt or self.crop_scale is not None:
+                raise ValueError("the embedded digits take no root, skip_corrupt or crop_scale (they augment by shifts)")
         elif self.root is None:
             raise ValueError(f"data set {self.dataset!r} needs root: the folder it is in")
         elif not Path(self.root).expanduser().exists():

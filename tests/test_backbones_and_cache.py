@@ -120,12 +120,15 @@ def test_feature_cache_in_float16_is_a_separate_half_size_file():
     assert sizes[1] < 0.6 * sizes[0]
 
 
-def test_feature_cache_rebuilds_on_a_split_mismatch():
+def test_feature_cache_keeps_splits_of_one_name_apart():
     backbone = _untrained_backbone()
-    cached_features(backbone, _tiny_split(6), "tiny", "val", log=lambda m: None)
+    six, four = _tiny_split(6), _tiny_split(4)
+    assert len(cached_features(backbone, six, "tiny", "val", log=lambda m: None)) == 6
     log = []
-    features = cached_features(backbone, _tiny_split(4), "tiny", "val", log=log.append)
-    assert len(features) == 4 and any("has 6 rows, the split 4 images" in m for m in log)
+    assert len(cached_features(backbone, four, "tiny", "val", log=log.append)) == 4
+    assert any("computing" in m for m in log)  # its own file, not the other split's
+    paths = {feature_cache_path(backbone, s, "tiny", "val", torch.float32) for s in (six, four)}
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
 
 
 CACHE_WORKER = """

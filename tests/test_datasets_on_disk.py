@@ -129,3 +129,59 @@ def test_coco2014_maps_category_ids_and_flags_crowds(tmp_path):
     assert torch.allclose(val.boxes[0], expected)
     with pytest.raises(FileNotFoundError, match="annotation file not found: .*instances_train2014.json"):
         create_dataset("coco2014", "train", root=str(tmp_path))
+
+
+def _tiny_model(num_classes=2):
+    from probing.heads import create_head
+    from probing.model import ProbedModel
+
+    torch.manual_seed(0)
+    backbone = tiny_resnet().eval()
+    backbone.name, backbone.digest = "t", "0"
+    return ProbedModel(backbone, create_head("linear", backbone.out_channels, num_classes)).eval()
+
+
+def test_feature_cache_keys_on_the_files_not_just_the_name_and_size(tmp_path):
+    import os
+
+    first, second = _imagefolder(tmp_path / "a"), _imagefolder(tmp_path / "b")
+    for f in sorted((second / "val").rglob("*.*")):  # same names, same count, other pixels
+        _image(f, seed=hash(f.name) % 1000 + 500, fmt="JPEG" if f.suffix == ".jpg" else "PNG")
+    backbone = _tiny_model().backbone
+    splits = [create_dataset("imagefolder", "val", root=str(r), size=32) for r in (first, second)]
+    features = [cached_features(backbone, s, "imgs", "val", log=lambda m: None) for s in splits]
+    fresh = [backbone(backbone.preprocess(s.images[0 : len(s)])).detach() for s in splits]
+    assert not torch.allclose(features[0], features[1])
+    for cached, expected in zip(features, fresh):
+        torch.testing.assert_close(cached, expected)
+    # an image rewritten in place (new pixels, new modification time) gets fresh features
+    target = first / "val" / "cat" / "0.jpg"
+    _image(target, seed=777)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    changed = create_dataset("imagefolder", "val", root=str(first), size=32)
+    log = []
+    again = cached_features(backbone, changed, "imgs", "val", log=log.append)
+    assert any("computing" in m for m in log)
+    torch.testing.assert_close(again, backbone(backbone.preprocess(changed.images[0:5])).detach())
+
+
+def test_too_few_confident_classes_on_files_give_zero_grids_not_a_crash(tmp_path):
+    from evaluation.gridpg import evaluate_gridpg
+
+    val = create_dataset("imagefolder", "val", root=str(_imagefolder(tmp_path / "imgs")), size=32)
+    metrics = evaluate_gridpg(  # 2 classes cannot fill a 2x2 grid
+        _tiny_model(), val.images, val.labels, lambda z: z.softmax(dim=1), ["ixg"], ["input"], confidence=0.0
+    )
+    assert metrics.keys() == {"grids/count", "grids/confident_images"} and metrics["grids/count"] == 0.0
+
+
+@pytest.mark.parametrize("dataset, expected", [("imagefolder", (0.08, 1.0)), ("voc2007", (0.7, 1.0))])
+def test_training_crops_keep_most_of_a_multi_label_image(tmp_path, dataset, expected):
+    root = _imagefolder(tmp_path / "imgs") if dataset == "imagefolder" else _voc(tmp_path)
+
+    def scale(split):
+        crop = next(t for t in split.augmented.transform.transforms if type(t).__name__ == "RandomResizedCrop")
+        return tuple(crop.scale)
+
+    assert scale(create_dataset(dataset, "train", root=str(root))) == expected
+    assert scale(create_dataset(dataset, "train", root=str(root), crop_scale=(0.5, 0.9))) == (0.5, 0.9)

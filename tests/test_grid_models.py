@@ -148,20 +148,39 @@ def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_
 
     grids = kept[("gridpg", "ixg", "input")][0]
     assert grids.shape == (18, 96, 96)  # 2 grids x 9 targets, 3x3 cells of 32 px
-    inputs, targets, cells = _grid_rows(model, val, grid=3, n_grids=2)
+    assert kept[("difull", "ixg", "input")][0].shape == (4, 96, 96)  # DiFull: 2 grids x 2 corner cells
     for setting in ("gridpg", "difull"):
+        inputs, targets, cells = _grid_rows(model, val, grid=3, n_grids=2, setting=setting)
         explained = grid_model(setting, model, 3, cells)
         for method, layer in (("ixg", "middle"), ("gradcam", "final"), ("lrp", "final"), ("occlusion", "middle")):
             alone = create_method(method)(explained, inputs, targets, layer=layer)
             torch.testing.assert_close(kept[(setting, method, layer)][0], alone, rtol=1e-4, atol=1e-6)
 
 
-def _grid_rows(model, val, grid, n_grids):
-    """The evaluator's first batch of rows, rebuilt: inputs repeated per target, targets, cells."""
+def _grid_rows(model, val, grid, n_grids, setting="gridpg"):
+    """The evaluator's first batch of rows, rebuilt: inputs repeated per target, targets, cells
+    (every cell for GridPG; the top-left and bottom-right ones for DiFull and DiPart)."""
     from evaluation.gridpg import predict_probabilities
     from evaluation.grids import build_grids, confident_mask
 
     confident = confident_mask(predict_probabilities(model, val.images, lambda z: z.softmax(dim=1)), val.labels, 0.5)
     grids = build_grids(val.images, val.labels, confident, grid, n_grids, 0)
-    inputs = model.preprocess(grids.images).repeat_interleave(grid * grid, dim=0)
-    return inputs, grids.classes.flatten(), torch.arange(grid * grid).repeat(len(grids))
+    cells = torch.arange(grid * grid) if setting == "gridpg" else torch.tensor([0, grid * grid - 1])
+    inputs = model.preprocess(grids.images).repeat_interleave(len(cells), dim=0)
+    return inputs, grids.classes[:, cells].flatten(), cells.repeat(len(grids))
+
+
+@pytest.mark.parametrize("di_cells, expected", [("corners", [0, 8]), ("all", list(range(9)))])
+def test_difull_and_dipart_explain_the_corner_cells_as_rao_et_al_unless_asked_for_all(trained_probe, di_cells, expected):
+    model, val = trained_probe
+    seen = {}
+
+    def keep(key, maps, cells, scores, images):
+        seen.setdefault(key[0], []).append(cells.tolist())
+
+    evaluate_gridpg(
+        model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=["ixg"], layers=["final"], grid=3,
+        n_grids=2, confidence=0.5, settings=("gridpg", "difull", "dipart"), on_maps=keep, di_cells=di_cells,
+    )  # fmt: skip
+    assert seen["gridpg"] == [list(range(9)) * 2]  # GridPG: every cell, whatever di_cells says
+    assert seen["difull"] == seen["dipart"] == [expected * 2]

@@ -92,3 +92,18 @@ def test_energy_pointing_game_equals_quantus_attribution_localisation():
 def test_energy_pointing_game_needs_matching_masks():
     with pytest.raises(ValueError, match="maps and masks must both be \\(B, H, W\\), got \\(1, 4, 4\\) and \\(1, 4, 3\\)"):
         energy_pointing_game(torch.ones(1, 4, 4), torch.ones(1, 4, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("metric", ["gridpg", "epg"])
+def test_a_nan_map_or_a_tiny_positive_mass_scores_zero_and_leaves_the_others_alone(metric):
+    maps = torch.stack([_map([1.0, 0, 0, 0]), _map([1.0, 0, 0, 0]), _map([1.0, 0, 0, 0])])
+    maps[1, 5, 5] = float("nan")  # one broken pixel, outside the target cell
+    maps[2] *= 1e-7 / 16  # total positive mass 1e-7: rounding noise, not evidence
+    if metric == "gridpg":
+        scores = grid_pointing_game(maps, 2, torch.zeros(3, dtype=torch.long))
+    else:
+        masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+        masks[:, :4, :4] = True  # the first cell
+        scores = energy_pointing_game(maps, masks)
+    assert torch.equal(scores, torch.tensor([1.0, 0.0, 0.0]))
+    assert scores.mean() == pytest.approx(1 / 3)  # a mean over them stays a number

@@ -75,7 +75,7 @@ BAD_SPECS = [
     ),
     ("data", {"dataset": "voc2007"}, "data: data set 'voc2007' needs root: the folder it is in"),
     ("data", {"dataset": "voc2007", "root": "/no/voc"}, "data: root not found: /no/voc"),
-    ("data", {"dataset": "digits", "skip_corrupt": True}, "data: the embedded digits take no root or skip_corrupt"),
+    ("data", {"dataset": "digits", "skip_corrupt": True}, "data: the embedded digits take no root, skip_corrupt or crop_scale (they augment by shifts)"),
     ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, ce"),
     ("probe.loss", ["bce_multilabel"], "probe.loss: 'bce_multilabel' does not fit the single-label data set 'digits'"),
     ("probe.loss", ["ce", "ce"], "probe.loss: values repeat: ['ce', 'ce']"),
