@@ -1,7 +1,9 @@
 """Smoothing of attribution maps before scoring (Rao et al., CVPR 2022; REFERENCE section 4).
 
 Applied to the (B, H, W) maps before negatives are clamped. ``Smoothing`` is a plain value so
-that a sweep spec can name it per method; :func:`smooth` is a pure function.
+that a sweep spec can name it per method; :func:`smooth` is a pure function. Average pooling pads
+with zeros and counts them (the reference's ``AvgPool2d(5, 1, 2)``); the Gaussian pads by
+reflection, as torchvision's ``GaussianBlur`` that How to Probe uses.
 """
 
 from __future__ import annotations
@@ -46,8 +48,18 @@ def gaussian_kernel(kernel: int, sigma: float, dtype=torch.float32) -> torch.Ten
     return (weights / weights.sum()).to(dtype)
 
 
+def _reflect(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """``x`` padded by ``pad`` on both sides of ``dim`` (-1 or -2) by reflection, as ``F.pad(mode=
+    "reflect")``; a pad wider than the map reflects the padded map again (torchvision raises there)."""
+    while pad > 0:
+        step = min(pad, x.shape[dim] - 1)
+        x = F.pad(x, (step, step, 0, 0) if dim == -1 else (0, 0, step, step), mode="reflect")
+        pad -= step
+    return x
+
+
 def smooth(maps: torch.Tensor, smoothing: Smoothing) -> torch.Tensor:
-    """Smoothed (B, H, W) maps of the same size (zero padding at the borders, stride 1)."""
+    """Smoothed (B, H, W) maps of the same size (stride 1; see the module docstring for the borders)."""
     if smoothing.kind == "none" or smoothing.kernel == 1:
         return maps
     pad = smoothing.kernel // 2
@@ -58,6 +70,6 @@ def smooth(maps: torch.Tensor, smoothing: Smoothing) -> torch.Tensor:
     sigma = smoothing.sigma if smoothing.sigma is not None else smoothing.kernel / 4
     g = gaussian_kernel(smoothing.kernel, sigma, maps.dtype).to(maps.device)
     # separable: rows then columns
-    x = F.conv2d(x, g.view(1, 1, 1, -1), padding=(0, pad))
-    x = F.conv2d(x, g.view(1, 1, -1, 1), padding=(pad, 0))
+    x = F.conv2d(_reflect(x, pad, -1), g.view(1, 1, 1, -1))
+    x = F.conv2d(_reflect(x, pad, -2), g.view(1, 1, -1, 1))
     return x[:, 0]

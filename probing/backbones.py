@@ -71,6 +71,7 @@ class StagedBackbone(nn.Module):
         self.out_channels = out_channels
         self.name = "unnamed"  # the registry name, set by create_backbone
         self.digest = "untrained"  # of the weights file, set by create_backbone; keys the feature cache
+        self.weights_file = "embedded"  # the file name the weights came from (logged by a trial)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
 
@@ -109,12 +110,16 @@ class BackboneEntry:
         pretrain: for embedded backbones, trains a built one in place at first use (then cached).
         load: for backbones with published weights, ``(backbone, **options) -> weights digest``
             loads them (options: ``weights``, ``checkpoint_format``).
+        traits: ``evaluation.attribution.common.model_traits`` of the built network.
     """
 
     build: Callable[[], StagedBackbone]
     pretrain: Callable[[StagedBackbone, Callable[[str], None]], None] | None = None  # (backbone, log)
     load: Callable[..., str] | None = None  # (backbone, **options) -> weights digest
     description: str = ""
+    # what the network is built of, as attribution methods care (``bcos``, ``vit``): lets a spec be
+    # checked against the methods' refusals before anything is built
+    traits: frozenset[str] = frozenset()
 
 
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")

@@ -111,5 +111,6 @@ BACKBONES.register("tiny_bcos_resnet")(
         build=tiny_bcos_resnet,
         pretrain=_pretrain("supervised", 15),
         description="16/32/64-channel B-cos ResNet (B=2, 6-channel input), supervised on the digits train split",
+        traits=frozenset({"bcos"}),
     )
 )

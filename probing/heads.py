@@ -76,7 +76,13 @@ class Head(nn.Module):
 
 
 def default_logit_bias(loss: str, num_classes: int, head: str = "linear") -> float:
-    """-log(C - 1) for BCE-type losses and B-cos heads (initial sigmoid outputs about 1/C), else 0."""
+    """-log(C - 1) for single-label BCE and for B-cos heads (initial sigmoid outputs about 1/C), else
+    0. Multi-label probes get none, for any head, as in the How to Probe code (its B-cos multi-label
+    head uses ``logit_bias=0.0``)."""
+    from probing.losses import create_loss
+
+    if create_loss(loss).multilabel:
+        return 0.0
     return -math.log(num_classes - 1) if loss.startswith("bce") or head == "bcos" else 0.0
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from probing.registry import Registry
 
-__all__ = ["LOSSES", "Loss", "create_loss", "list_losses", "uniform_off_label_targets"]
+__all__ = ["LOSSES", "Loss", "create_loss", "list_losses", "probe_loss", "uniform_off_label_targets"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,10 @@ LOSSES: Registry[Loss] = Registry("loss")
 
 
 def uniform_off_label_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """One-hot targets clamped from below at 1/C: 1 for the true class, 1/C elsewhere."""
-    return F.one_hot(labels, num_classes).float().clamp(min=1.0 / num_classes)
+    """One-hot (for (B,) class indices) or multi-hot (for (B, C) labels) targets clamped from below
+    at 1/C: 1 for the true classes, 1/C elsewhere."""
+    hot = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
+    return hot.clamp(min=1.0 / num_classes)
 
 
 def _bce_uniform_off_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,14 +51,27 @@ def _bce_uniform_off_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 LOSSES.register("ce")(Loss("ce", F.cross_entropy, lambda z: z.softmax(dim=1)))
 LOSSES.register("bce")(Loss("bce", _bce_uniform_off_labels, torch.sigmoid))
-# plain BCE on multi-hot targets, for multi-label data (VOC, COCO)
+# multi-label data (VOC, COCO): plain BCE on multi-hot targets; the uniform off-labels variant
+# (non-targets 1/C) is what the How to Probe code trains B-cos heads with (see probe_loss)
 LOSSES.register("bce_multilabel")(
     Loss("bce_multilabel", lambda z, t: F.binary_cross_entropy_with_logits(z, t.float()), torch.sigmoid, True)
 )
+LOSSES.register("bce_multilabel_uniform")(
+    Loss("bce_multilabel_uniform", _bce_uniform_off_labels, torch.sigmoid, True)
+)
+
+#: the loss a head type actually trains with, where the reference differs by head
+HEAD_VARIANTS = {("bce_multilabel", "bcos"): "bce_multilabel_uniform"}
 
 
 def create_loss(name: str) -> Loss:
     return LOSSES.get(name)
+
+
+def probe_loss(name: str, head: str) -> Loss:
+    """The loss ``name`` as the reference trains a ``head`` type with it: ``bce_multilabel`` is plain
+    BCE for standard heads and uniform off-labels BCE for B-cos heads (How to Probe's VOC/COCO configs)."""
+    return create_loss(HEAD_VARIANTS.get((name, head), name))
 
 
 def list_losses(pattern: str = "*") -> list[str]:

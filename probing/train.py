@@ -1,5 +1,6 @@
 """Probe training on cached features: Adam with linear warm-up and cosine decay (How to Probe), or
-SGD with momentum 0.9 and step decay (x0.1 at 60% and 80% of the epochs; the older reference).
+SGD with momentum and step decay (x0.1 at milestone epochs, 60% and 80% of the epochs by default, or
+every ``step_every`` epochs as a StepLR; the reference's MLP and B-cos probes and its VOC/COCO probes).
 
 :class:`ProbeTrainer` runs one epoch at a time and its whole state (head, optimiser, schedule,
 epoch, shuffling RNG) round-trips through ``state_dict``, so a trial can checkpoint after any
@@ -17,7 +18,7 @@ from torch import nn
 
 from probing.losses import Loss
 
-__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError", "correct_predictions"]
+__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError", "batch_bounds", "correct_predictions"]
 
 
 class DivergedError(RuntimeError):
@@ -29,8 +30,10 @@ class TrainConfig:
     """Probe training settings (How to Probe trains ImageNet probes with Adam, lr 1e-3, batch 256).
 
     Attributes:
-        optimizer: ``adam`` (cosine schedule) or ``sgd`` (step schedule).
-        warmup_epochs: linear warm-up from 0.01x lr before either schedule (per step).
+        optimizer: ``adam`` (cosine schedule) or ``sgd`` (step schedule, momentum ``momentum``).
+        warmup_epochs: linear warm-up from ``warmup_start`` x lr before either schedule (per step).
+        milestones: sgd: epochs at which the lr drops x0.1. Default: 60% and 80% of the epochs.
+        step_every: sgd: drop x0.1 every this many epochs instead (StepLR), counted after warm-up.
     """
 
     epochs: int = 10
@@ -40,6 +43,20 @@ class TrainConfig:
     warmup_epochs: int = 0
     seed: int = 0
     optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    warmup_start: float = 0.01
+    milestones: tuple[int, ...] | None = None
+    step_every: int | None = None
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of an epoch of ``n`` samples. A last batch of a single sample is
+    folded into the one before it: BatchNorm cannot train on one sample (pooled MLP heads fail,
+    B-cos heads' uncentred norms divide by sqrt(eps))."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(start, end) for start, end in zip(starts, starts[1:] + [n])]
 
 
 def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,22 +96,26 @@ class ProbeTrainer:
         self.device = next(head.parameters()).device
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
+        self.steps_per_epoch = len(batch_bounds(len(self.train_labels), config.batch_size))
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(
-                head.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+                head.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
             )
         else:
             self.optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
-        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        config = self.config
+        warmup = config.warmup_epochs * self.steps_per_epoch
         if step < warmup:
-            return 0.01 + 0.99 * step / warmup
-        if self.config.optimizer == "sgd":
+            return config.warmup_start + (1.0 - config.warmup_start) * step / warmup
+        if config.optimizer == "sgd":
             epoch = step // self.steps_per_epoch
-            return 0.1 ** sum(epoch >= round(f * self.config.epochs) for f in (0.6, 0.8))
+            if config.step_every:
+                return 0.1 ** ((epoch - config.warmup_epochs) // config.step_every)
+            milestones = config.milestones or tuple(round(f * config.epochs) for f in (0.6, 0.8))
+            return 0.1 ** sum(epoch >= m for m in milestones)
         total = max(1, self.config.epochs * self.steps_per_epoch - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
 
@@ -103,8 +124,8 @@ class ProbeTrainer:
         self.head.train()
         order = torch.randperm(len(self.train_labels), generator=self.generator)
         total_loss, correct = 0.0, 0
-        for start in range(0, len(order), self.config.batch_size):
-            idx = order[start : start + self.config.batch_size]
+        for start, end in batch_bounds(len(order), self.config.batch_size):
+            idx = order[start:end]
             features = self.train_features[idx]
             if self.embed is not None:
                 features = self.embed(features)

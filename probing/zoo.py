@@ -1,7 +1,11 @@
 """Backbones with published weights: torchvision ResNet-18/50, VGG-11/16, ViT-B/16, and B-cos ResNet-50.
 
 Nothing is downloaded. Weights come from ``weights: PATH`` or, for torchvision's own files, from
-the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file name of torchvision's URL>``). The
+the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file name of torchvision's URL>``): torchvision's
+default weights, or a tag of its weights enum (``weights: IMAGENET1K_V1`` reads
+``resnet50-0676ba61.pth``, the weights the SSL papers and How to Probe compare against; torchvision's
+default for ResNet-50 is ``IMAGENET1K_V2``). The file a backbone was loaded from is kept as its
+``weights_file``, so that a trial logs which one it used. The
 ``checkpoint_format`` option (or a name such as ``resnet50_dino``) says how the file is laid out:
 
 - ``torchvision``: a plain state dict (torchvision's files; DINO's ``dino_resnet50_pretrain.pth``).
@@ -13,10 +17,14 @@ the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file name of torchvision's U
 
 Loading is strict: every weight of the backbone must be in the file and nothing but the
 classifier may be left over; a mismatch lists the missing and unexpected keys. Files load with
-``weights_only=True``.
+``weights_only=True``; the one class besides tensors allowed in them is ``argparse.Namespace``,
+which DINO's full training checkpoints carry as ``args``.
 """
 
 from __future__ import annotations
+
+import argparse
+import re
 
 from pathlib import Path
 
@@ -25,12 +33,13 @@ from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
 
-__all__ = ["CHECKPOINT_FORMATS", "load_checkpoint", "remap_checkpoint", "staged_backbone"]
+__all__ = ["CHECKPOINT_FORMATS", "WEIGHTS_TAG", "load_checkpoint", "remap_checkpoint", "staged_backbone"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECKPOINT_FORMATS = ("torchvision", "dino", "mocov2", "byol", "bcos")
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "heads.")  # never part of a backbone
 BYOL_PREFIXES = ("online_backbone.", "backbone.", "encoder.", "online_network.encoder.", "net.")
+WEIGHTS_TAG = re.compile(r"[A-Z][A-Z0-9_]*")  # a member of torchvision's weights enum, e.g. IMAGENET1K_V1
 
 
 def _strip(state: dict, prefix: str) -> dict:
@@ -68,7 +77,8 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints hold their args
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {path}: {err}") from err
     state = {k: v for k, v in remap_checkpoint(obj, checkpoint_format).items() if not k.startswith(CLASSIFIER_PREFIXES)}
@@ -86,15 +96,25 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
     model.load_state_dict(state, strict=False)
 
 
-def _weights_file(name: str, weights: str | None, default_url: str | None) -> Path:
-    if weights is not None:
+def _weights_file(name: str, weights: str | None, weights_enum: str | None) -> Path:
+    """The file to load: ``weights`` as a path, or torchvision's file for a weights tag (``DEFAULT`` when
+    ``weights`` is None) in the torch hub cache."""
+    if weights is not None and not (weights_enum and WEIGHTS_TAG.fullmatch(weights)):
         return Path(weights).expanduser()
-    if default_url is None:
+    if weights_enum is None:
         raise FileNotFoundError(f"backbone {name!r} needs its weights file: set weights: PATH")
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / default_url.rsplit("/", 1)[-1]
+    import torchvision
+
+    enum = getattr(torchvision.models, weights_enum)
+    tag = weights or "DEFAULT"
+    if tag not in enum.__members__:
+        known = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
+        raise ValueError(f"unknown weights {tag!r} for backbone {name!r}: use a file path or one of {known}")
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / enum[tag].url.rsplit("/", 1)[-1]
     if not hub_file.is_file():
         raise FileNotFoundError(
-            f"no weights for backbone {name!r}: set weights: PATH, or put {hub_file.name} in {hub_file.parent}"
+            f"no weights for backbone {name!r} ({enum.__name__}.{tag}): put {hub_file.name} in {hub_file.parent}, "
+            "or set weights: PATH"
         )
     return hub_file
 
@@ -153,7 +173,9 @@ def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
     if arch.startswith("vgg"):
         convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
         pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
-        middle = convs[4] + 2  # after conv5 and its ReLU
+        # after the first convolution behind the third max-pool, and its ReLU: stride 8 in every VGG
+        # (VGG11: conv5, as ML-Att; VGG16: conv4_1, where the fifth convolution would be stride 4)
+        middle = next(i for i in convs if i > pools[2]) + 2
         f = model.features
         stages = nn.Sequential(f[:middle], f[middle : pools[-1]], f[pools[-1] :])
         config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": 1, "final": 2})
@@ -178,6 +200,7 @@ def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
 
 
 def _register(name: str, arch: str, make, weights_enum: str | None, checkpoint_format: str, description: str) -> None:
+    traits = frozenset({"bcos"} if arch.startswith("bcos") else {"vit"} if arch.startswith("vit") else ())
     """``make`` builds the model; ``weights_enum`` names torchvision's weights enum, whose default URL
     names the file in the torch hub cache. Both are looked up on use: importing torchvision costs
     every process that imports the registry (each Ray trial among them) about 2 s."""
@@ -186,18 +209,14 @@ def _register(name: str, arch: str, make, weights_enum: str | None, checkpoint_f
         return staged_backbone(arch, make())
 
     def load(backbone: StagedBackbone, weights: str | None = None, checkpoint_format: str = checkpoint_format) -> str:
-        default_url = None
-        if checkpoint_format == "torchvision" and weights_enum is not None:
-            import torchvision
-
-            default_url = getattr(torchvision.models, weights_enum).DEFAULT.url
-        path = _weights_file(name, weights, default_url)
+        path = _weights_file(name, weights, weights_enum if checkpoint_format == "torchvision" else None)
         model = make()
         load_checkpoint(model, path, checkpoint_format)  # checked against the original key names
         backbone.load_state_dict(staged_backbone(arch, model).state_dict(), strict=True)
+        backbone.weights_file = path.name
         return file_digest(path)
 
-    BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description))
+    BACKBONES.register(name)(BackboneEntry(build=build, load=load, description=description, traits=traits))
 
 
 def _torchvision_model(arch: str):

@@ -111,7 +111,8 @@ class OptunaSpace:
             "train": {
                 "lr": _suggest(trial, "search/lr", spec.train.lr),
                 "weight_decay": _suggest(trial, "search/weight_decay", spec.train.weight_decay),
-            },
+            }
+            | spec.recipe_overrides(head["type"], self.backbones[backbone]["name"]),
         }
 
 

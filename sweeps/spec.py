@@ -31,6 +31,7 @@ from evaluation.attribution import METHODS
 from evaluation.grid_models import GRID_SETTINGS
 from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
+from probing.zoo import WEIGHTS_TAG
 from probing.datasets import DATASETS
 from probing.heads import HEADS
 from probing.losses import LOSSES
@@ -187,8 +188,9 @@ class BackboneSpec(Strict):
 
     @model_validator(mode="after")
     def _weights_exist(self) -> "BackboneSpec":
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise ValueError(f"weights file not found: {self.weights}")
+        tag = self.weights is not None and WEIGHTS_TAG.fullmatch(self.weights) and self.checkpoint_format in (None, "torchvision")
+        if self.weights is not None and not tag and not Path(self.weights).expanduser().is_file():
+            raise ValueError(f"weights file not found: {self.weights} (a path, or a torchvision weights tag such as IMAGENET1K_V1)")
         if (self.weights or self.checkpoint_format) and BACKBONES.get(self.name).load is None:
             raise ValueError(f"{self.name!r} is embedded (pre-trained at first use): it takes no weights")
         return self
@@ -209,27 +211,72 @@ class ProbeSpec(Strict):
     logit_bias: Annotated[str | float, BeforeValidator(_auto_or_number)] = "auto"
 
 
-class TrainSpec(Strict):
-    epochs: Annotated[int, Field(ge=1)] = 10
+class ScheduleSpec(Strict):
+    """Optimiser and schedule settings, shared by ``train`` and a recipe's ``train``."""
+
     batch_size: Annotated[int, Field(ge=1)] = 256
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    warmup_start: Annotated[float, Field(gt=0, le=1)] = 0.01  # the warm-up's first lr, as a factor of lr
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum, step decay
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd
+    # sgd: x0.1 at these epochs (default 60% and 80% of the epochs), or every step_every epochs (StepLR)
+    milestones: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] | None = None
+    step_every: Annotated[int, Field(ge=1)] | None = None
+
+
+class TrainSpec(ScheduleSpec):
+    epochs: Annotated[int, Field(ge=1)] = 10
     lr: search_axis(float, gt=0) = 1e-3  # a value, grid values [..] or a range {low, high, log}
     weight_decay: search_axis(float, ge=0) = 0.0
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     seed: _axis(int) = [0]
-    optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum 0.9, x0.1 at 60% and 80%
     augment: bool = False  # train through the backbone with augmentation each epoch (slow) instead of the cache
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the feature cache
     # a checkpoint (and the MLflow write of the epochs since the last one) at most this often, and
     # after the last epoch; 0: every epoch. A resumed trial repeats at most this much training.
     checkpoint_every_s: Annotated[float, Field(ge=0)] = 5.0
 
-    @field_validator("warmup_epochs")
-    @classmethod
-    def _warmup_fits(cls, v: int, info: ValidationInfo) -> int:
-        epochs = info.data.get("epochs")
-        if epochs is not None and v >= epochs:
-            raise ValueError(f"must be < epochs ({epochs}), got {v}")
-        return v
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "TrainSpec":
+        check_schedule(self, self.epochs, "")
+        return self
+
+
+def check_schedule(schedule: ScheduleSpec, epochs: int, where: str) -> None:
+    """The schedule fits its optimiser, and warm-up and milestones end before the last epoch."""
+    if schedule.optimizer != "sgd" and (schedule.milestones or schedule.step_every):
+        raise ValueError(f"{where}optimizer: milestones and step_every schedule sgd; adam decays by cosine")
+    if schedule.milestones and schedule.step_every:
+        raise ValueError(f"{where}milestones: give milestones or step_every, not both")
+    if schedule.milestones and sorted(set(schedule.milestones)) != schedule.milestones:
+        raise ValueError(f"{where}milestones: must increase, got {schedule.milestones}")
+    if schedule.warmup_epochs >= epochs:
+        raise ValueError(f"{where}warmup_epochs: must be < epochs ({epochs}), got {schedule.warmup_epochs}")
+    if schedule.milestones and schedule.milestones[-1] >= epochs:
+        raise ValueError(f"{where}milestones: must be < epochs ({epochs}), got {schedule.milestones}")
+
+
+class RecipeTrainSpec(ScheduleSpec):
+    """What a recipe overrides: the schedule, and lr / weight_decay as single values."""
+
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+class RecipeSpec(Strict):
+    """Training settings for some head types (and backbones), where the reference trains them
+    differently from the rest: ``{heads: [mlp, bcos], backbones: [resnet50], train: {optimizer: sgd, lr: 30}}``.
+    The first recipe that matches a trial's head type and backbone name overrides ``train`` with the
+    keys it sets; a recipe without ``heads`` (``backbones``) matches every head (backbone)."""
+
+    heads: _axis(_registered(HEADS)) | None = None
+    backbones: _axis(_registered(BACKBONES)) | None = None
+    train: RecipeTrainSpec
+
+    def matches(self, head_type: str, backbone: str) -> bool:
+        return (self.heads is None or head_type in self.heads) and (self.backbones is None or backbone in self.backbones)
+
+    def overrides(self) -> dict[str, Any]:
+        return self.train.model_dump(exclude_unset=True)
 
 
 # union branches chosen by the value's type, so that an error names only the branch meant; the
@@ -261,12 +308,18 @@ class EvaluateSpec(Strict):
     n_images: Annotated[int, Field(ge=1)] = 64  # images (each with its box classes) scored by EPG
     confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
     seed: int = 0
-    # none; reference (Rao et al.: Gaussian 129 for ixg/intgrad, 5x5 average pooling otherwise);
-    # or per method name, e.g. {ixg: {kind: gaussian, kernel: 9}} (unnamed methods: none)
+    # DiFull and DiPart explain the top-left and bottom-right cells (Rao et al.) or all cells
+    di_cells: Literal["corners", "all"] = "corners"
+    # a method that does not apply to a trial's model (LRP on B-cos layers): refuse the spec (error),
+    # or leave the method out of those trials only (skip; the trial tags what it left out)
+    refused: Literal["error", "skip"] = "error"
+    # reference (the default, as How to Probe always smooths: Gaussian 129 for ixg/intgrad, 5x5
+    # average pooling otherwise); none; or per method name, e.g. {ixg: {kind: gaussian, kernel: 9}}
+    # (unnamed methods: none)
     smoothing: Annotated[
         Annotated[Literal["none", "reference"], Tag(_NAMED)] | Annotated[dict[str, SmoothingSpec], Tag(_PER_METHOD)],
         Discriminator(lambda v: _NAMED if isinstance(v, str) else _PER_METHOD),
-    ] = "none"
+    ] = "reference"
 
     @field_validator("smoothing")
     @classmethod
@@ -313,6 +366,7 @@ class SweepSpec(Strict):
     backbones: _axis(Annotated[BackboneSpec, BeforeValidator(_backbone_item)])
     probe: ProbeSpec = ProbeSpec()
     train: TrainSpec = TrainSpec()
+    recipes: list[RecipeSpec] = []
     evaluate: EvaluateSpec = EvaluateSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -352,19 +406,24 @@ class SweepSpec(Strict):
             for _ in range(repeats)
         ]
 
-    @staticmethod
-    def trial(backbone, loss, head, seed, lr, weight_decay, rng: np.random.Generator) -> dict[str, Any]:
+    def trial(self, backbone, loss, head, seed, lr, weight_decay, rng: np.random.Generator) -> dict[str, Any]:
         """One trial's varying settings, ranges drawn with ``rng``."""
         head_config = {
             k: draw(v, rng, integer=k in INTEGER_HEAD_OPTIONS) for k, v in head if v is not None
         }
+        train = {"lr": draw(lr, rng), "weight_decay": draw(weight_decay, rng)}
         return {
             "backbone": backbone.model_dump(exclude_none=True),
             "loss": loss,
             "head": head_config,
             "seed": seed,
-            "train": {"lr": draw(lr, rng), "weight_decay": draw(weight_decay, rng)},
+            "train": train | self.recipe_overrides(head.type, backbone.name),
         }
+
+    def recipe_overrides(self, head_type: str, backbone: str) -> dict[str, Any]:
+        """The ``train`` settings of the first recipe matching the trial, or none."""
+        recipe = next((r for r in self.recipes if r.matches(head_type, backbone)), None)
+        return recipe.overrides() if recipe is not None else {}
 
     def known_metrics(self) -> list[str]:
         """The metrics every trial logs last: per-epoch ones and ``<metric>/<method>/<layer>``."""
@@ -376,6 +435,27 @@ class SweepSpec(Strict):
             if layer in METHODS.get(method).layers
         ]
         return [*EPOCH_METRICS, *scores]
+
+    @model_validator(mode="after")
+    def _recipes_fit_epochs(self) -> "SweepSpec":
+        for i, recipe in enumerate(self.recipes):
+            schedule = self.train.model_dump(include=set(ScheduleSpec.model_fields)) | recipe.overrides()
+            check_schedule(ScheduleSpec.model_construct(**schedule), self.train.epochs, f"recipes[{i}].train.")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_apply(self) -> "SweepSpec":
+        for backbone in self.backbones:
+            for head in self.probe.head:
+                traits = BACKBONES.get(backbone.name).traits | ({"bcos"} if head.type == "bcos" else set())
+                for method in self.evaluate.methods:
+                    refusal = METHODS.get(method).refusal(traits)
+                    if refusal and self.evaluate.refused == "error":
+                        raise ValueError(
+                            f"evaluate.methods: {refusal} (backbone {backbone.name}, head {head.type}); drop it, "
+                            "or set evaluate.refused: skip to leave it out of those trials only"
+                        )
+        return self
 
     @model_validator(mode="after")
     def _losses_fit_labels(self) -> "SweepSpec":

@@ -24,13 +24,15 @@ import torch
 import yaml
 
 from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery
+from evaluation.attribution import create_method
+from evaluation.attribution.common import model_traits
 from evaluation.epg import evaluate_epg
 from evaluation.gridpg import evaluate_gridpg
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
 from probing.features import cached_features
 from probing.heads import create_head, default_logit_bias
-from probing.losses import create_loss
+from probing.losses import probe_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
 from sweeps.spec import DataSpec, EvaluateSpec, head_options
@@ -64,8 +66,8 @@ def _trial_inputs(config: dict[str, Any]):
                 return backbone(backbone.preprocess(images))
     else:
         train_inputs, embed = cached_features(backbone, train, dataset, "train", dtype=dtype), None
-    loss = create_loss(config["loss"])
     head_type, bias = config["head"]["type"], config["logit_bias"]
+    loss = probe_loss(config["loss"], head_type)
     bias = default_logit_bias(config["loss"], train.num_classes, head_type) if bias == "auto" else float(bias)
     torch.manual_seed(config["seed"])  # the head's initial weights
     head = create_head(head_type, backbone.out_channels, train.num_classes, logit_bias=bias, **head_options(config["head"]))
@@ -95,14 +97,18 @@ def _evaluate(model: ProbedModel, val, loss, evaluate: dict[str, Any], run: Tria
         examples.setdefault(key, (images[:GALLERY].cpu(), maps[chosen][:GALLERY].cpu(), scores[chosen][:GALLERY].cpu()))
 
     metrics: dict[str, float] = {}
-    options = {"methods": spec.methods, "layers": spec.layers, "seed": spec.seed, "smoothing": spec.smoothing_per_method()}
+    traits = model_traits(model)
+    methods = [m for m in spec.methods if not create_method(m).refusal(traits)]  # validate refused the rest unless skip
+    if len(methods) < len(spec.methods):
+        run.set_tags({"methods_left_out": ", ".join(m for m in spec.methods if m not in methods)})
+    options = {"methods": methods, "layers": spec.layers, "seed": spec.seed, "smoothing": spec.smoothing_per_method()}
     if "epg" in spec.metrics:
         metrics |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=spec.n_images, on_maps=keep, **options)
     grid_settings = tuple(m for m in spec.metrics if m != "epg")
     if grid_settings:
         metrics |= evaluate_gridpg(
             model, val.images, val.labels, loss.probabilities, grid=spec.grid, n_grids=spec.n_grids,
-            confidence=spec.confidence, settings=grid_settings, on_maps=keep, **options,
+            confidence=spec.confidence, settings=grid_settings, on_maps=keep, di_cells=spec.di_cells, **options,
         )  # fmt: skip
     for (setting, method, layer), parts in collected.items():
         maps, scores = (torch.cat(p) for p in zip(*parts))
@@ -152,6 +158,8 @@ def probe_trial(config: dict[str, Any]) -> None:
         node_ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
         run.set_tags({"node_ip": node_ip, "node_id": node_id, "hostname": socket.gethostname()})
         backbone, val, loss, trainer = _trial_inputs(config)
+        # which weights the trial used (torchvision's V1 and V2 ResNet-50 files differ)
+        run.set_tags({"backbone.weights_file": backbone.weights_file, "backbone.digest": backbone.digest})
 
         checkpoint = tune.get_checkpoint()
         if checkpoint:

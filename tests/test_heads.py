@@ -94,7 +94,7 @@ def test_bcos_head_has_no_bias_and_checks_its_options():
 
 def test_logit_bias_defaults_and_an_explicit_zero():
     assert default_logit_bias("bce", 10) == pytest.approx(-math.log(9))
-    assert default_logit_bias("bce_multilabel", 20) == pytest.approx(-math.log(19))
+    assert default_logit_bias("bce_multilabel", 20) == 0.0  # How to Probe: no logit bias on VOC/COCO
     assert default_logit_bias("ce", 10, "bcos") == pytest.approx(-math.log(9))
     assert default_logit_bias("ce", 10, "mlp") == 0.0
     # a configured 0.0 stays 0.0 (the reference code drops it for B-cos heads because 0.0 is falsy)
@@ -110,3 +110,16 @@ def test_multilabel_bce_is_plain_bce_on_multi_hot_targets():
     ) / 6
     loss = create_loss("bce_multilabel")
     assert loss.multilabel and loss(logits, targets).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("name, options", [("linear", {}), ("mlp", {"width": 8}), ("bcos", {"width": 8})])
+def test_a_probe_reloaded_from_its_state_dict_gives_the_same_logits(name, options, tmp_path):
+    torch.manual_seed(0)
+    head = create_head(name, 16, 5, logit_bias=-1.25, **options).eval()
+    torch.save(head.state_dict(), tmp_path / "probe.pt")
+    torch.manual_seed(1)
+    reloaded = create_head(name, 16, 5, **options).eval()  # default bias 0: the file must carry it
+    reloaded.load_state_dict(torch.load(tmp_path / "probe.pt", weights_only=True))
+    features = torch.randn(3, 16, 4, 4)
+    assert "logit_bias" in reloaded.state_dict()
+    torch.testing.assert_close(reloaded(features), head(features))

@@ -50,5 +50,31 @@ def test_bce_logit_bias_makes_initial_outputs_one_over_c():
 
 
 def test_unknown_loss_suggests_the_closest():
-    with pytest.raises(ValueError, match="unknown loss 'bec': known are bce, bce_multilabel, ce; did you mean 'bce'"):
+    with pytest.raises(ValueError, match="unknown loss 'bec': known are bce, bce_multilabel, bce_multilabel_uniform, ce; did you mean 'bce'"):
         create_loss("bec")
+
+
+def _bce(z, t):
+    """Binary cross-entropy written out: mean over batch and classes of -t log s(z) - (1-t) log(1-s(z))."""
+    s = 1 / (1 + torch.exp(-z.double()))
+    return float((-(t * torch.log(s) + (1 - t) * torch.log(1 - s))).mean())
+
+
+MULTI_HOT = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0], [1, 1, 1, 0]])
+MULTI_LOGITS = torch.tensor([[2.0, -1.0, 0.5, 0.3], [-0.2, 0.1, 1.5, -3.0], [0.0, 0.7, -0.4, 1.1]])
+
+
+@pytest.mark.parametrize("head, off_target", [("linear", 0.0), ("mlp", 0.0), ("bcos", 0.25)])
+def test_multi_label_probes_train_with_the_references_loss_per_head(head, off_target):
+    from probing.losses import probe_loss
+
+    loss = probe_loss("bce_multilabel", head)
+    targets = MULTI_HOT.clamp(min=off_target)  # B-cos heads: non-targets 1/C (C = 4), as How to Probe's code
+    assert loss.multilabel and loss.probabilities is torch.sigmoid
+    assert loss(MULTI_LOGITS, MULTI_HOT).item() == pytest.approx(_bce(MULTI_LOGITS, targets), rel=1e-6)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "bcos"])
+def test_multi_label_probes_get_no_logit_bias(head):
+    assert default_logit_bias("bce_multilabel", 20, head) == 0.0
+    assert default_logit_bias("bce", 20, head) == pytest.approx(-math.log(19))  # single-label BCE keeps it

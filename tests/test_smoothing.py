@@ -27,7 +27,7 @@ def test_average_pooling_spreads_a_delta_evenly():
     torch.testing.assert_close(out, expected)
 
 
-def test_gaussian_equals_the_dense_2d_kernel():
+def test_gaussian_equals_the_dense_2d_kernel_away_from_the_borders():
     kernel, sigma = 7, 1.5
     out = smooth(_delta(), Smoothing("gaussian", kernel, sigma))
     dense = torch.tensor(
@@ -40,11 +40,26 @@ def test_gaussian_equals_the_dense_2d_kernel():
     assert gaussian_kernel(kernel, sigma).sum().item() == pytest.approx(1.0)
 
 
-def test_reference_gaussian_on_a_map_smaller_than_its_kernel():
-    maps = torch.randn(3, 32, 32)
+def test_reference_gaussian_equals_torchvisions_gaussian_blur_with_its_reflection_padding():
+    from torchvision.transforms.functional import gaussian_blur
+
+    maps = torch.randn(2, 150, 140, generator=torch.Generator().manual_seed(0))
+    ours = smooth(maps, REFERENCE_SMOOTHING["ixg"])
+    expected = gaussian_blur(maps[:, None], [129, 129], [129 / 4, 129 / 4])[:, 0]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+    zero_padded = F.conv2d(maps[:, None], torch.outer(*(2 * [gaussian_kernel(129, 129 / 4)]))[None, None], padding=64)
+    assert not torch.allclose(ours, zero_padded[:, 0], atol=1e-3)  # the borders differ from zero padding
+
+
+def test_reference_gaussian_on_a_map_smaller_than_its_kernel_reflects_again():
+    maps = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
     out = smooth(maps, REFERENCE_SMOOTHING["ixg"])
     g = gaussian_kernel(129, 129 / 4)
-    dense = F.conv2d(maps[:, None], torch.outer(g, g)[None, None], padding=64)[:, 0]
+    padded = maps[:, None]
+    for _ in range(3):  # 31 + 31 + 2 = 64 px on each side, each step a plain reflection
+        step = min(64 - (padded.shape[-1] - 32) // 2, padded.shape[-1] - 1)
+        padded = F.pad(padded, (step,) * 4, mode="reflect")
+    dense = F.conv2d(padded, torch.outer(g, g)[None, None])[:, 0]
     assert out.shape == maps.shape
     torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-6)
 

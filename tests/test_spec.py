@@ -76,7 +76,7 @@ BAD_SPECS = [
     ("data", {"dataset": "voc2007"}, "data: data set 'voc2007' needs root: the folder it is in"),
     ("data", {"dataset": "voc2007", "root": "/no/voc"}, "data: root not found: /no/voc"),
     ("data", {"dataset": "digits", "skip_corrupt": True}, "data: the embedded digits take no root, skip_corrupt or crop_scale (they augment by shifts)"),
-    ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, ce"),
+    ("probe.loss", ["ce", "focal"], "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, bce_multilabel_uniform, ce"),
     ("probe.loss", ["bce_multilabel"], "probe.loss: 'bce_multilabel' does not fit the single-label data set 'digits'"),
     ("probe.loss", ["ce", "ce"], "probe.loss: values repeat: ['ce', 'ce']"),
     ("probe.loss", [], "probe.loss: must not be empty"),
@@ -241,7 +241,7 @@ def test_cli_validate_reports_trials_or_problems(tmp_path):
     bad.write_text(yaml.safe_dump(_with("probe.loss", ["ce", "focal"])))
     result = _cli("validate", str(bad), cwd=tmp_path)
     assert result.returncode == 2
-    assert "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, ce" in result.stderr
+    assert "probe.loss[1]: unknown loss 'focal': known are bce, bce_multilabel, bce_multilabel_uniform, ce" in result.stderr
 
 
 def test_cli_run_with_a_bad_spec_starts_nothing(tmp_path):

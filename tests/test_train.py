@@ -83,6 +83,23 @@ def test_sgd_steps_down_tenfold_at_60_and_80_percent():
     assert _lr_per_epoch(trainer) == pytest.approx([0.5] * 6 + [0.05] * 2 + [0.005] * 2)
 
 
+def test_sgd_with_milestones_and_with_a_step_every_n_epochs_after_a_warm_up_from_1e_7():
+    torch.manual_seed(0)
+    f_train, y_train, f_val, y_val = _data()
+
+    def rates(**options):
+        trainer = ProbeTrainer(
+            create_head("linear", 8, 4), create_loss("ce"), (f_train, y_train), (f_val, y_val),
+            TrainConfig(batch_size=16, optimizer="sgd", **options),
+        )  # fmt: skip
+        return _lr_per_epoch(trainer)
+
+    assert rates(epochs=10, lr=3.0, milestones=(3, 7), momentum=0.5) == pytest.approx([3.0] * 3 + [0.3] * 4 + [0.03] * 3)
+    # VOC/COCO: one warm-up epoch from 1e-7 (a factor of lr), then x0.1 every 2 epochs
+    voc = rates(epochs=6, lr=30.0, warmup_epochs=1, warmup_start=1e-7 / 30, step_every=2)
+    assert voc == pytest.approx([1e-7, 30.0, 30.0, 3.0, 3.0, 0.3])
+
+
 def test_adam_warms_up_linearly_then_decays_by_cosine():
     trainer = _trainer(lr=1.0, epochs=5)  # 4 steps per epoch, 1 warm-up epoch
     rates = _lr_per_epoch(trainer)
@@ -140,3 +157,19 @@ def test_a_trial_with_augment_trains_through_the_backbone_on_augmented_images():
     assert first.shape == (4, 3, 32, 32) and not torch.equal(first, trainer.train_features[0:4])  # random shifts
     metrics = [trainer.run_epoch() for _ in range(2)]
     assert metrics[-1]["val/accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("head_name", ["mlp", "bcos"])
+def test_a_last_batch_of_one_sample_is_folded_into_the_one_before(head_name):
+    from probing.heads import create_head
+    from probing.train import batch_bounds
+
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)] and batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(1, 4) == [(0, 1)] and batch_bounds(8, 4) == [(0, 4), (4, 8)]
+    torch.manual_seed(0)
+    features, labels = torch.randn(9, 8, 1, 1), torch.arange(9) % 3
+    head = create_head(head_name, 8, 3, width=6, input="pooled")
+    trainer = ProbeTrainer(head, create_loss("ce"), (features, labels), (features, labels), TrainConfig(epochs=2, batch_size=4))
+    for _ in range(2):
+        metrics = trainer.run_epoch()  # a batch of one would fail (mlp) or divide by sqrt(eps) (bcos)
+    assert all(math.isfinite(v) for v in metrics.values()) and trainer.steps_per_epoch == 2

@@ -71,7 +71,7 @@ def test_a_key_mismatch_lists_missing_and_unexpected_keys(tmp_path):
 
 def test_weights_come_from_the_torch_hub_cache_by_default(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(FileNotFoundError, match="set weights: PATH, or put resnet18-f37072fd.pth in .*torch/hub/checkpoints"):
+    with pytest.raises(FileNotFoundError, match="ResNet18_Weights.DEFAULT\\): put resnet18-f37072fd.pth in .*torch/hub/checkpoints, or set weights: PATH"):
         create_backbone("resnet18")
     reference = _perturbed(torchvision.models.resnet18())
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
@@ -99,6 +99,16 @@ def test_vgg11_layers_follow_ml_att(tmp_path):
     assert backbone.forward_to(x, "middle").shape == (1, 512, 8, 8)  # after conv5 (and its ReLU)
     assert backbone.forward_to(x, "final").shape == (1, 512, 4, 4)  # last conv, before the last max-pool
     assert torch.allclose(backbone(x), reference.features(x), atol=1e-5) and backbone.out_channels == 512
+
+
+def test_vgg16_middle_layer_is_at_stride_8_like_vgg11s():
+    from probing.backbones import BACKBONES
+
+    backbone = BACKBONES.get("vgg16").build().eval()
+    x = torch.rand(1, 3, 64, 64)
+    middle = backbone.forward_to(x, "middle")
+    assert middle.shape == (1, 512, 8, 8)  # conv4_1 and its ReLU, not conv3_1 (256 channels at stride 4)
+    assert isinstance(backbone.stages[0][-1], torch.nn.ReLU) and isinstance(backbone.stages[0][-2], torch.nn.Conv2d)
 
 
 def test_vit_b_16_gives_a_patch_map_and_a_middle_layer_that_keeps_the_class_token(tmp_path):
@@ -137,3 +147,34 @@ def test_bcos_resnet50_checkpoint_loads_with_its_6_channel_input(tmp_path):
 def test_remap_names_unknown_formats():
     with pytest.raises(ValueError, match="unknown checkpoint_format 'swav': known are torchvision, dino, mocov2, byol, bcos"):
         remap_checkpoint({}, "swav")
+
+
+def test_a_full_dino_training_checkpoint_with_its_argparse_args_loads(tmp_path):
+    import argparse
+
+    reference = _perturbed(torchvision.models.resnet18())
+    full = _formats(reference.state_dict())["dino"] | {"args": argparse.Namespace(arch="resnet50", lr=0.3), "epoch": 800}
+    torch.save(full, tmp_path / "checkpoint.pth")  # as DINO's main_dino.py saves it
+    backbone = create_backbone("resnet18", weights=str(tmp_path / "checkpoint.pth"), checkpoint_format="dino")
+    x = backbone.preprocess(torch.rand(1, 3, 64, 64))
+    assert torch.allclose(backbone(x), _resnet18_features(reference, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("tag, file", [("IMAGENET1K_V1", "resnet50-0676ba61.pth"), ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth")])
+def test_a_torchvision_weights_tag_reads_that_file_from_the_hub_cache_and_names_it(tmp_path, monkeypatch, tag, file):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    reference = _perturbed(torchvision.models.resnet50())
+    torch.save(reference.state_dict(), checkpoints / file)
+    backbone = create_backbone("resnet50", weights=tag)
+    assert backbone.weights_file == file
+    x = backbone.preprocess(torch.rand(1, 3, 64, 64))
+    features = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+        reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))  # fmt: skip
+    assert torch.allclose(backbone(x), features, atol=1e-4)
+    other = "IMAGENET1K_V2" if tag == "IMAGENET1K_V1" else "IMAGENET1K_V1"
+    with pytest.raises(FileNotFoundError, match=f"ResNet50_Weights.{other}\\): put resnet50-"):
+        create_backbone("resnet50", weights=other)
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET9K' for backbone 'resnet50': use a file path or one of IMAGENET1K_V1, IMAGENET1K_V2"):
+        create_backbone("resnet50", weights="IMAGENET9K")
