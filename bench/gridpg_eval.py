@@ -62,15 +62,21 @@ def _naive(method: str, model: ProbedModel, x: torch.Tensor, target: int, steps:
         ig = IntegratedGradients(model)
         return ig.attribute(x, target=target, n_steps=steps, internal_batch_size=8).sum(dim=1)
     if method == "gradcam":
-        cam = LayerGradCam(model, model.backbone.stages[4]).attribute(x, target=target)
+        cam = LayerGradCam(model, model.backbone.stages[4]).attribute(x, target=target, relu_attributions=True)
         return LayerAttribution.interpolate(cam, x.shape[-2:], "bilinear")[:, 0]
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonGammaBox
+    from zennit.rules import Epsilon
     from zennit.torchvision import ResNetCanonizer
 
+    from probing.heads import Pointwise
+
     low, high = model.preprocess(torch.zeros_like(x)), model.preprocess(torch.ones_like(x))
-    with Gradient(model, EpsilonGammaBox(low=low, high=high, canonizers=[ResNetCanonizer()])) as attributor:
-        _, relevance = attributor(x.clone().requires_grad_(True), F.one_hot(torch.tensor([target]), 10).float())
+    # the probe's layers are fully connected (Epsilon, as torchvision's fc); relevance starts at the logit
+    composite = EpsilonGammaBox(low=low, high=high, canonizers=[ResNetCanonizer()], layer_map=[(Pointwise, Epsilon())])
+    with Gradient(model, composite) as attributor:
+        one_hot = F.one_hot(torch.tensor([target]), 10).to(x.dtype)
+        _, relevance = attributor(x.clone().requires_grad_(True), lambda out: out * one_hot)
     return relevance.sum(dim=1)
 
 

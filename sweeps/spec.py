@@ -235,10 +235,6 @@ class TrainSpec(ScheduleSpec):
     # after the last epoch; 0: every epoch. A resumed trial repeats at most this much training.
     checkpoint_every_s: Annotated[float, Field(ge=0)] = 5.0
 
-    @model_validator(mode="after")
-    def _schedule_fits(self) -> "TrainSpec":
-        check_schedule(self, self.epochs, "")
-        return self
 
 
 def check_schedule(schedule: ScheduleSpec, epochs: int, where: str) -> None:
@@ -437,7 +433,8 @@ class SweepSpec(Strict):
         return [*EPOCH_METRICS, *scores]
 
     @model_validator(mode="after")
-    def _recipes_fit_epochs(self) -> "SweepSpec":
+    def _schedules_fit(self) -> "SweepSpec":
+        check_schedule(self.train, self.train.epochs, "train.")
         for i, recipe in enumerate(self.recipes):
             schedule = self.train.model_dump(include=set(ScheduleSpec.model_fields)) | recipe.overrides()
             check_schedule(ScheduleSpec.model_construct(**schedule), self.train.epochs, f"recipes[{i}].train.")

@@ -337,3 +337,34 @@ def test_targets_of_one_image_share_its_forward_and_equal_one_row_at_a_time(mode
     shared = create_method(method)(model, x, targets, layer=layer, **options)
     alone = torch.cat([create_method(method)(model, x[i : i + 1], targets[i : i + 1], layer=layer, **options) for i in range(6)])
     torch.testing.assert_close(shared, alone, rtol=1e-7, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def bcos_model():
+    from probing.embedded_backbones import tiny_bcos_resnet
+
+    torch.manual_seed(0)
+    backbone = tiny_bcos_resnet()
+    return ProbedModel(backbone, create_head("linear", 64, 10)).double().eval().requires_grad_(False)
+
+
+def test_score_cam_on_a_bcos_model_masks_the_image_and_encodes_it_again(bcos_model, inputs):
+    images, targets = inputs
+    x = bcos_model.preprocess(images[:2])
+    ours = create_method("scorecam")(bcos_model, x, targets[:2], layer="final")
+    activation = bcos_model.forward_to(x, "final")
+    expected = torch.cat([
+        score_cam_reference(bcos_model, activation[[i]], x[i : i + 1], int(targets[i]), lambda z: z.softmax(dim=1))
+        for i in range(2)
+    ])  # fmt: skip
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-12)
+
+
+def test_occlusion_at_the_input_of_a_bcos_model_occludes_the_image_and_encodes_it_again(bcos_model, inputs):
+    images, targets = inputs
+    x = bcos_model.preprocess(images[:1])
+    ours = create_method("occlusion")(bcos_model, x, targets[:1], layer="input", window=32, stride=32)  # one window: all
+    blank = bcos_model.preprocess(torch.zeros_like(images[:1]))  # x = 0 everywhere: [0, 1], not all zeros
+    assert torch.equal(blank[:, 3:], torch.ones_like(blank[:, 3:]))
+    logit = lambda inputs: bcos_model(inputs)[0, int(targets[0])]  # noqa: E731
+    torch.testing.assert_close(ours, (logit(x) - logit(blank)).expand(1, 32, 32), rtol=1e-9, atol=1e-12)

@@ -56,7 +56,7 @@ BAD_SPECS = [
         "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16; "
         "did you mean 'resnet50'?",
     ),
-    ("backbones", [{"name": "resnet50", "weights": "/no/such.pth"}], "backbones[0]: weights file not found: /no/such.pth"),
+    ("backbones", [{"name": "resnet50", "weights": "/no/such.pth"}], "backbones[0]: weights file not found: /no/such.pth (a path, or a torchvision weights tag such as IMAGENET1K_V1)"),
     (
         "backbones",
         [{"name": "tiny_resnet_sup", "checkpoint_format": "dino"}],
@@ -336,3 +336,56 @@ def test_shipped_spec_names_each_unset_variable(monkeypatch):
         "backbones[3].weights: environment variable WEIGHTS_DIR is not set",
         "backbones[4].weights: environment variable WEIGHTS_DIR is not set",
     ]
+
+
+BAD_SCHEDULES = [
+    ("train", {"epochs": 30, "optimizer": "adam", "milestones": [10]}, "train.optimizer: milestones and step_every schedule sgd; adam decays by cosine"),
+    ("train", {"epochs": 30, "optimizer": "sgd", "milestones": [10, 5]}, "train.milestones: must increase, got [10, 5]"),
+    ("train", {"epochs": 30, "optimizer": "sgd", "milestones": [30]}, "train.milestones: must be < epochs (30), got [30]"),
+    ("train", {"epochs": 30, "optimizer": "sgd", "milestones": [10], "step_every": 3}, "train.milestones: give milestones or step_every, not both"),
+    ("train", {"epochs": 10, "warmup_epochs": 10}, "train.warmup_epochs: must be < epochs (10), got 10"),
+    ("train.warmup_start", 0, "train.warmup_start: must be > 0, got 0"),
+    ("recipes", [{"heads": ["bcos"], "train": {"milestones": [5]}}], "recipes[0].train.optimizer: milestones and step_every schedule sgd; adam decays by cosine"),
+    ("recipes", [{"heads": ["mlpp"], "train": {"lr": 1}}], "recipes[0].heads[0]: unknown head 'mlpp': known are bcos, linear, mlp; did you mean 'mlp'?"),
+    ("recipes", [{"heads": ["bcos"], "train": {"optimizer": "sgd", "milestones": [40]}}], "recipes[0].train.milestones: must be < epochs (30), got [40]"),
+    ("recipes", [{"heads": ["bcos"], "train": {"lrr": 1}}], "recipes[0].train.lrr: unknown key"),
+    ("data.crop_scale", [0.9, 0.5], "data.crop_scale: low must be <= high, got [0.9, 0.5]"),
+    ("evaluate.di_cells", "some", "evaluate.di_cells: must be one of 'corners' or 'all', got 'some'"),
+    (
+        "evaluate.methods",
+        ["ixg", "lrp"],
+        "evaluate.methods: method 'lrp' does not apply to models with B-cos layers: zennit has no LRP rule for B-cos "
+        "layers; use 'bcos' (their exact explanation) or a gradient method (backbone tiny_resnet_sup, head bcos); "
+        "drop it, or set evaluate.refused: skip to leave it out of those trials only",
+    ),
+]
+
+
+@pytest.mark.parametrize("path, value, message", BAD_SCHEDULES, ids=[f"{p}={v}" for p, v, _ in BAD_SCHEDULES])
+def test_bad_schedules_recipes_and_refused_methods_are_named(path, value, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec(_with(path, value), "bad.yaml")
+    assert err.value.problems == [message]
+
+
+def test_skip_leaves_a_refused_method_to_the_trials_it_applies_to():
+    spec = parse_spec(_with("evaluate", {"methods": ["ixg", "lrp"], "refused": "skip", "smoothing": "none"}))
+    assert spec.evaluate.methods == ["ixg", "lrp"]  # the trials leave lrp out where it is refused
+
+
+def test_the_shipped_specs_train_each_probe_with_the_references_recipe(shipped_environment):
+    imagenet = load_spec(DEMO_SPEC.parent / "imagenet_how_to_probe.yaml")
+    assert imagenet.backbones[0].weights == "IMAGENET1K_V1"  # torchvision's V1, as the paper
+    train = {(t["backbone"]["name"], t["head"]["type"], t["head"].get("depth")): t["train"] for t in imagenet.trials()}
+    sgd = {"lr": 30.0, "weight_decay": 0.0, "optimizer": "sgd", "momentum": 0.9, "warmup_epochs": 0, "milestones": [60, 80]}
+    for backbone in ("resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol"):
+        assert train[(backbone, "mlp", 2)] == train[(backbone, "bcos", 3)] == sgd
+        assert train[(backbone, "linear", None)] == {"lr": 1e-3, "weight_decay": 0.0}  # Adam + cosine from train:
+    assert train[("bcos_resnet50", "mlp", 3)] == {"lr": 1e-3, "weight_decay": 0.0}  # MLPs on the B-cos backbone: Adam
+    assert imagenet.train.optimizer == "adam" and imagenet.train.warmup_epochs == 5 and imagenet.train.batch_size == 128
+    for name in ("voc2007_epg.yaml", "coco2014_epg.yaml"):
+        spec = load_spec(DEMO_SPEC.parent / name)
+        t = spec.train
+        assert (t.optimizer, t.lr, t.step_every, t.warmup_epochs, t.augment) == ("sgd", 30.0, 6, 1, True), name
+        assert t.lr * t.warmup_start == pytest.approx(1e-7), name  # warm-up from 1e-7
+        assert "lrp" not in spec.evaluate.methods, name
