@@ -23,6 +23,17 @@ def _uri(tracking_uri: str | None) -> str:
     return tracking_uri or default_tracking_uri(Path.cwd())
 
 
+def _name(value: str | None, what: str = "sweep name") -> str | None:
+    """A name that becomes a path, checked before anything is started or written (exit 2)."""
+    from sweeps.spec_files import check_name
+
+    try:
+        return None if value is None else check_name(value, what)
+    except ValueError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(config: Path):
     from sweeps.spec import SpecError, load_spec
 
@@ -87,6 +98,7 @@ def run(
     """Validate a sweep spec, run all its trials with Ray Tune, and print the results table."""
     from sweeps.spec import DEMO_SPEC
 
+    _name(name)
     spec = _load(config or DEMO_SPEC)
     from sweeps.runner import run_sweep
 
@@ -102,6 +114,7 @@ def resume(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address. Default: a local instance.")] = None,
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, the others resume from their checkpoints."""
+    _name(name)
     from sweeps.runner import resume_sweep
 
     _finish(lambda log: resume_sweep(name, storage=storage, address=address, log=log))
@@ -111,7 +124,7 @@ def _finish(start) -> None:
     """Run a sweep (new or resumed), print its table, exit 1 if trials failed, 2 on bad input."""
     try:
         outcome = start(lambda line: typer.echo(line, err=True))
-    except (FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError, PermissionError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}")
@@ -145,9 +158,14 @@ def report(
 ) -> None:
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
+    _name(name)
     from sweeps.tracking import find_sweep_run
 
     uri = _uri(tracking_uri)
+    store = Path.cwd() / "mlflow.db"
+    if tracking_uri is None and not store.is_file():  # opening it would create an empty store
+        typer.echo(f"no sweep named {name!r}: there is no MLflow store here ({store}); give --tracking-uri", err=True)
+        raise typer.Exit(2)
     parent = find_sweep_run(uri, name)
     if parent is None:
         typer.echo(f"no sweep named {name!r} in {uri}", err=True)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from sweeps.spec import SweepSpec, head_label
-from sweeps.spec_files import default_tracking_uri  # not sweeps.tracking: MLflow loads while Ray starts
+from sweeps.spec_files import check_name, default_tracking_uri  # not sweeps.tracking: MLflow loads while Ray starts
 
 __all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
 
@@ -204,7 +204,7 @@ def run_sweep(
     from probing.backbones import cache_dir
 
     workdir = (workdir or Path.cwd()).resolve()
-    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(name) if name else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(workdir)
     storage = Path(storage or spec.storage or workdir / "ray_results").expanduser().resolve()
     if (storage / name / RECORD_FILE).exists():  # (a sweep whose set-up failed left no record)
@@ -269,10 +269,11 @@ def resume_sweep(
     from mlflow import MlflowClient
     from ray import tune
 
-    folder = Path(storage or Path.cwd() / "ray_results").expanduser().resolve() / name
+    folder = Path(storage or Path.cwd() / "ray_results").expanduser().resolve() / check_name(name)
     record_file = folder / RECORD_FILE
     if not record_file.is_file():
         raise FileNotFoundError(f"no sweep {name!r} to resume: {record_file} does not exist")
+    check_private(folder)
     if not tune.Tuner.can_restore(str(folder)):
         raise FileNotFoundError(f"sweep {name!r} never started its trials ({folder} holds no Ray Tune state)")
     record = yaml.safe_load(record_file.read_text())
@@ -286,6 +287,20 @@ def resume_sweep(
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
     return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
+
+
+def check_private(folder: Path) -> None:
+    """Refuse to resume from a folder that others may write to: Ray Tune restores its experiment
+    state from pickles (``tuner.pkl``), and a pickle planted there would run on ``resume``."""
+    import stat
+
+    for path in (folder.parent, folder):
+        mode = path.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PermissionError(
+                f"{path} is writable by its group or by everyone ({stat.filemode(mode)}); resuming loads Ray's pickled "
+                f"state from it, so only the sweep's owner may write there: chmod go-w {path}"
+            )
 
 
 def _trainable(spec: SweepSpec):

@@ -9,8 +9,8 @@ choices are kept under ``search`` in the config, so that its study and the trial
 from __future__ import annotations
 
 import copy
+import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,12 @@ class TrialList(Searcher):
         pass
 
     def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_bytes(pickle.dumps((self.trials, self.position)))
+        # JSON, not a pickle: resuming reads this file, and reading must never run code from it
+        Path(checkpoint_path).write_text(json.dumps({"trials": self.trials, "position": self.position}))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.trials, self.position = pickle.loads(Path(checkpoint_path).read_bytes())
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.trials, self.position = state["trials"], int(state["position"])
 
 
 class ObjectivesSearch(OptunaSearch):

@@ -7,7 +7,6 @@ reported at once with its YAML path, e.g. ``probe.head[1].depth: mlp heads need 
 from __future__ import annotations
 
 import itertools
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,7 +35,7 @@ from probing.datasets import DATASETS
 from probing.heads import HEADS
 from probing.losses import LOSSES
 from probing.registry import Registry
-from sweeps.spec_files import SpecError, expand_variables, problem_lines
+from sweeps.spec_files import SpecError, check_name, expand_variables, problem_lines
 from sweeps.space import EPOCH_METRICS, Range, SearchSpec, axis_values, draw, range_paths, search_axis, searchable
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
@@ -352,6 +351,11 @@ class TrackingSpec(Strict):
     uri: str | None = None  # default: sqlite:///<working directory>/mlflow.db
     experiment: str | None = None  # default: the sweep name
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_is_a_folder_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "experiment name")
+
 
 INTEGER_HEAD_OPTIONS = ("depth", "width", "max_out")
 
@@ -372,9 +376,7 @@ class SweepSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError(f"{v!r} is not a sweep name: use up to 64 letters, digits, '_', '.', '-'")
-        return v
+        return check_name(v)
 
     def n_trials(self) -> int:
         """How many trials the sweep runs."""

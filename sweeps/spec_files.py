@@ -8,7 +8,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpecError", "expand_variables", "problem_lines"]
+__all__ = ["SpecError", "check_name", "expand_variables", "problem_lines"]
+
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(value: str, what: str = "sweep name") -> str:
+    """``value`` if it may become a file or folder name (sweep, experiment, report folder): up to 64
+    letters, digits, '_', '.', '-', starting with a letter or digit, so no path separator and no
+    ``..`` can take a write outside the folder it belongs in."""
+    if not NAME_RULE.fullmatch(value):
+        article = "an" if what[0] in "aeiou" else "a"
+        rule = "use up to 64 letters, digits, '_', '.', '-', starting with a letter or digit"
+        raise ValueError(f"{value!r} is not {article} {what}: {rule}")
+    return value
 
 
 class SpecError(ValueError):

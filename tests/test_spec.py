@@ -47,7 +47,7 @@ def _with(path: str, value):
 
 
 BAD_SPECS = [
-    ("name", "my sweep", "name: 'my sweep' is not a sweep name: use up to 64 letters, digits, '_', '.', '-'"),
+    ("name", "my sweep", "name: 'my sweep' is not a sweep name: use up to 64 letters, digits, '_', '.', '-', starting with a letter or digit"),
     ("backbones", None, "backbones: required"),
     (
         "backbones",
@@ -389,3 +389,64 @@ def test_the_shipped_specs_train_each_probe_with_the_references_recipe(shipped_e
         assert (t.optimizer, t.lr, t.step_every, t.warmup_epochs, t.augment) == ("sgd", 30.0, 6, 1, True), name
         assert t.lr * t.warmup_start == pytest.approx(1e-7), name  # warm-up from 1e-7
         assert "lrp" not in spec.evaluate.methods, name
+
+
+NAMES_THAT_LEAVE_THE_FOLDER = [
+    (["run", "--name", "../../x"], "'../../x' is not a sweep name"),
+    (["run", "--name", "a/b"], "'a/b' is not a sweep name"),
+    (["resume", "../x"], "'../x' is not a sweep name"),
+    (["report", "../../x"], "'../../x' is not a sweep name"),
+    (["report", "it's"], "\"it's\" is not a sweep name"),
+]
+
+
+@pytest.mark.parametrize("args, message", NAMES_THAT_LEAVE_THE_FOLDER, ids=[" ".join(a) for a, _ in NAMES_THAT_LEAVE_THE_FOLDER])
+def test_a_name_that_would_leave_the_folder_is_refused_before_anything_is_written(tmp_path, args, message):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    result = _cli(*args, cwd=work)
+    rule = ": use up to 64 letters, digits, '_', '.', '-', starting with a letter or digit"
+    assert result.returncode == 2 and result.stderr.strip() == message + rule
+    assert "Traceback" not in result.stderr
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("a"), Path("a/b")]  # nothing written
+
+
+def test_an_experiment_name_that_would_leave_the_folder_is_refused():
+    with pytest.raises(SpecError) as err:
+        parse_spec(_with("tracking.experiment", "../../../x"), "bad.yaml")
+    assert err.value.problems == [
+        "tracking.experiment: '../../../x' is not an experiment name: use up to 64 letters, digits, '_', '.', '-', "
+        "starting with a letter or digit"
+    ]
+
+
+def test_report_of_an_unknown_sweep_creates_no_store(tmp_path):
+    result = _cli("report", "mini", cwd=tmp_path)
+    assert result.returncode == 2 and "no sweep named 'mini': there is no MLflow store here" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_searchers_saved_state_is_data_not_a_pickle(tmp_path):
+    from sweeps.search import TrialList
+
+    trials = load_spec(DEMO_SPEC).trials()
+    searcher = TrialList(trials)
+    searcher.suggest("t1"), searcher.suggest("t2")
+    searcher.save(str(tmp_path / "state"))
+    text = (tmp_path / "state").read_text()  # JSON text: loading it runs nothing
+    restored = TrialList([])
+    restored.restore(str(tmp_path / "state"))
+    assert restored.trials == trials and restored.position == 2 and text.startswith("{")
+
+
+def test_resume_refuses_a_storage_folder_others_can_write_to(tmp_path):
+    from sweeps.runner import check_private
+
+    folder = tmp_path / "ray_results" / "sweep"
+    folder.mkdir(parents=True)
+    tmp_path.joinpath("ray_results").chmod(0o755)
+    folder.chmod(0o700)
+    check_private(folder)  # the owner's alone: fine
+    folder.chmod(0o770)
+    with pytest.raises(PermissionError, match=f"{folder} is writable by its group or by everyone .*chmod go-w {folder}"):
+        check_private(folder)
