@@ -17,6 +17,12 @@ TrackingUri = Annotated[
 ]
 
 
+def redact_uri(uri: str) -> str:
+    from sweeps.spec_files import redact_uri as redact
+
+    return redact(uri)
+
+
 def _uri(tracking_uri: str | None) -> str:
     from sweeps.tracking import default_tracking_uri
 
@@ -80,7 +86,7 @@ def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str,
         console.print(f"Open the runs in the tracking server's UI: {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
         return
     console.print("Open the MLflow UI on this store:", highlight=False)
-    console.print(f"  {' '.join(ui_command(uri))}", highlight=False, soft_wrap=True)
+    console.print(f"  {redact_uri(' '.join(ui_command(uri)))}", highlight=False, soft_wrap=True)
     console.print(f"  then open {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
     console.print("  (or run: probesweep ui)", highlight=False)
 
@@ -112,9 +118,17 @@ def resume(
         Optional[Path], typer.Option(help="Folder of the sweep's Ray results (the spec's `storage`). Default: ./ray_results.")
     ] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address. Default: a local instance.")] = None,
+    tracking_uri: Annotated[
+        Optional[str],
+        typer.Option("--tracking-uri", help="The sweep's tracking URI, where it holds a password or token (never stored)."),
+    ] = None,
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, the others resume from their checkpoints."""
     _name(name)
+    if tracking_uri:
+        from sweeps.spec_files import SECRET_URI_ENV
+
+        os.environ[SECRET_URI_ENV] = tracking_uri  # read in place of the stored, redacted one
     from sweeps.runner import resume_sweep
 
     _finish(lambda log: resume_sweep(name, storage=storage, address=address, log=log))
@@ -168,7 +182,7 @@ def report(
         raise typer.Exit(2)
     parent = find_sweep_run(uri, name)
     if parent is None:
-        typer.echo(f"no sweep named {name!r} in {uri}", err=True)
+        typer.echo(f"no sweep named {name!r} in {redact_uri(uri)}", err=True)
         raise typer.Exit(2)
     output = output or Path.cwd() / "reports" / name
     _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output)
@@ -183,7 +197,8 @@ def ui(
     from sweeps.tracking import ui_command
 
     command = ui_command(_uri(tracking_uri), port=port)
-    typer.echo(f"MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it): {' '.join(command)}", err=True)
+    shown = redact_uri(" ".join(command))
+    typer.echo(f"MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it): {shown}", err=True)
     os.execv(command[0], command)
 
 

@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from sweeps.spec import SweepSpec, head_label
-from sweeps.spec_files import check_name, default_tracking_uri  # not sweeps.tracking: MLflow loads while Ray starts
+# not sweeps.tracking: MLflow loads while Ray starts
+from sweeps.spec_files import SECRET_URI_ENV, check_name, default_tracking_uri, redact_uri, secret_uri
 
 __all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
 
@@ -206,6 +207,9 @@ def run_sweep(
     workdir = (workdir or Path.cwd()).resolve()
     name = check_name(name) if name else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or spec.tracking.uri or default_tracking_uri(workdir)
+    shown = redact_uri(uri)  # what is printed and stored; the real URI stays in memory and the trials' environment
+    if shown != uri:
+        os.environ[SECRET_URI_ENV] = uri
     storage = Path(storage or spec.storage or workdir / "ray_results").expanduser().resolve()
     if (storage / name / RECORD_FILE).exists():  # (a sweep whose set-up failed left no record)
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
@@ -217,12 +221,12 @@ def run_sweep(
         from sweeps.tracking import ensure_experiment, start_sweep_run
 
         experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
-        spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        spec_yaml = yaml.safe_dump(stored_spec(spec), sort_keys=False)
         parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
         outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
-        record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome)}
+        record = {"spec": stored_spec(spec), "outcome": asdict(outcome) | {"tracking_uri": shown}}
         (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
-        log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {uri} (experiment {experiment_id}), Ray results {storage / name}")
+        log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {shown} (experiment {experiment_id}), Ray results {storage / name}")
         return outcome
 
     def new_tuner(outcome: SweepOutcome):
@@ -231,7 +235,7 @@ def run_sweep(
         from sweeps.search import tune_config
 
         runtime = {
-            "tracking_uri": uri,
+            "tracking_uri": shown,  # Ray stores the param space (tuner.pkl): the trials read the real one from their env
             "experiment_id": outcome.experiment_id,
             "parent_run_id": outcome.parent_run_id,
             "cache_dir": str(cache_dir()),
@@ -279,14 +283,24 @@ def resume_sweep(
     record = yaml.safe_load(record_file.read_text())
     spec = SweepSpec.model_validate(record["spec"])
     outcome = SweepOutcome(**record["outcome"])
+    shown = outcome.tracking_uri
+    outcome = replace(outcome, tracking_uri=secret_uri(shown))  # the real one, from $PROBESWEEP_TRACKING_URI
     MlflowClient(outcome.tracking_uri).update_run(outcome.parent_run_id, status="RUNNING")
-    log(f"resuming sweep {name}: {outcome.n_trials} trials, MLflow {outcome.tracking_uri}, Ray results {folder}")
+    log(f"resuming sweep {name}: {outcome.n_trials} trials, MLflow {shown}, Ray results {folder}")
     prepare_caches(spec, log)  # a fresh node (or a wiped cache) rebuilds what the trials read
 
     def restored_tuner(outcome: SweepOutcome):
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
     return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
+
+
+def stored_spec(spec: SweepSpec) -> dict:
+    """The spec as it is stored (the parent run's spec.yaml, the sweep record): secrets redacted."""
+    data = spec.model_dump(mode="json")
+    if data["tracking"]["uri"]:
+        data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
+    return data
 
 
 def check_private(folder: Path) -> None:
@@ -351,6 +365,9 @@ def _drive(
                         address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                         # nothing reads Ray's metrics here; exporting them keeps its daemons busy
                         _system_config={"enable_metrics_collection": False} if address is None else None,
+                        # a tracking URI with a secret reaches a cluster's trials in memory, never in a file
+                        runtime_env={"env_vars": {SECRET_URI_ENV: os.environ[SECRET_URI_ENV]}}
+                        if address is not None and SECRET_URI_ENV in os.environ else None,
                     )  # fmt: skip
                     reroute()
                     make_tuner(tracking.result()).fit()

@@ -8,7 +8,32 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpecError", "check_name", "expand_variables", "problem_lines"]
+__all__ = ["SECRET_URI_ENV", "SpecError", "check_name", "expand_variables", "problem_lines", "redact_uri", "secret_uri"]
+
+SECRET_URI_ENV = "PROBESWEEP_TRACKING_URI"  # the real tracking URI, where it holds a secret (never stored)
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token|password|passwd|secret|key|sig|signature)=)[^&#]*")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its password (``user:PASSWORD@``) and token-like query values replaced by ``****``:
+    the form that may be printed or stored. A URI without secrets comes back unchanged."""
+    uri = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:****@", uri)
+    uri = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@:]+@", r"\1****@", uri)  # a token as the user name
+    return _SECRET_QUERY.sub(r"\1****", uri)
+
+
+def secret_uri(shown: str) -> str:
+    """The real tracking URI for its redacted form ``shown``: ``shown`` itself when it holds no
+    secret, else ``$PROBESWEEP_TRACKING_URI``, which must redact to ``shown``."""
+    if "****" not in shown:
+        return shown
+    real = os.environ.get(SECRET_URI_ENV, "")
+    if redact_uri(real) != shown:
+        raise PermissionError(
+            f"the tracking URI {shown} holds a secret that is never stored: set {SECRET_URI_ENV} (or give --tracking-uri) "
+            "to the full URI"
+        )
+    return real
 
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

@@ -8,6 +8,7 @@ any trial starts (many trials creating a fresh SQLite schema at once would race)
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -254,7 +255,9 @@ class TrialRun:
 def ui_base(uri: str) -> str:
     """Where the MLflow UI of store ``uri`` is: a tracking server serves its own; a local store is
     shown by ``probesweep ui`` on 127.0.0.1:5000."""
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{UI_HOST}:{UI_PORT}"
+    if not uri.startswith(("http://", "https://")):
+        return f"http://{UI_HOST}:{UI_PORT}"
+    return re.sub(r"^(https?://)[^/@]*@", r"\1", uri).split("?")[0].rstrip("/")  # no credentials in a link
 
 
 def runs_table_url(uri: str, experiment_id: str) -> str:

@@ -36,6 +36,7 @@ from probing.losses import probe_loss
 from probing.model import ProbedModel
 from probing.train import ProbeTrainer, TrainConfig
 from sweeps.spec import DataSpec, EvaluateSpec, head_options
+from sweeps.spec_files import secret_uri
 
 if TYPE_CHECKING:  # Ray and MLflow load in probe_trial: the parts above also run in a plain loop
     from sweeps.tracking import TrialRun
@@ -133,7 +134,7 @@ def probe_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(runtime["threads"])
     context = tune.get_context()
     with TrialRun(
-        runtime["tracking_uri"],
+        secret_uri(runtime["tracking_uri"]),  # a URI with a secret comes from the environment
         runtime["experiment_id"],
         runtime["parent_run_id"],
         context.get_trial_id(),

@@ -450,3 +450,35 @@ def test_resume_refuses_a_storage_folder_others_can_write_to(tmp_path):
     folder.chmod(0o770)
     with pytest.raises(PermissionError, match=f"{folder} is writable by its group or by everyone .*chmod go-w {folder}"):
         check_private(folder)
+
+
+REDACTED = [
+    ("http://alice:s3cret@host:5000", "http://alice:****@host:5000"),
+    ("postgresql+psycopg://ps:pw@127.0.0.1:5432/mlflow", "postgresql+psycopg://ps:****@127.0.0.1:5432/mlflow"),
+    ("https://tok123@host/x", "https://****@host/x"),
+    ("http://host:5000?token=abc&x=1", "http://host:5000?token=****&x=1"),
+    ("https://store.example/api?Signature=zz", "https://store.example/api?Signature=****"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+]
+
+
+@pytest.mark.parametrize("uri, shown", REDACTED)
+def test_tracking_uris_are_shown_without_their_secrets(uri, shown):
+    from sweeps.spec_files import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_the_real_uri_of_a_redacted_one_comes_from_the_environment(monkeypatch):
+    from sweeps.spec_files import secret_uri
+
+    assert secret_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.delenv("PROBESWEEP_TRACKING_URI", raising=False)
+    with pytest.raises(PermissionError, match=r"http://alice:\*\*\*\*@h:1 holds a secret that is never stored: set PROBESWEEP_TRACKING_URI"):
+        secret_uri("http://alice:****@h:1")
+    monkeypatch.setenv("PROBESWEEP_TRACKING_URI", "http://bob:x@h:1")  # another user's: refused too
+    with pytest.raises(PermissionError):
+        secret_uri("http://alice:****@h:1")
+    monkeypatch.setenv("PROBESWEEP_TRACKING_URI", "http://alice:pw@h:1")
+    assert secret_uri("http://alice:****@h:1") == "http://alice:pw@h:1"

@@ -28,6 +28,7 @@ SPEC = {
     "tracking": {"experiment": "served"},
 }
 SCREENSHOT = REPO / "test-artifacts" / "mlflow-ui.png"
+PASSWORD = "s3cret-pw"  # in the tracking URI the sweep is given: it must never be stored or printed
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,9 @@ def served_sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("served")
     (workdir / "served.yaml").write_text(yaml.safe_dump(SPEC))
     with mlflow_server(workdir / "server") as url:
+        with_password = url.replace("http://", f"http://alice:{PASSWORD}@")  # the server takes no login: ignored
         result = subprocess.run(
-            [PROBESWEEP, "run", "served.yaml", "--name", "served-1", "--tracking-uri", url],
+            [PROBESWEEP, "run", "served.yaml", "--name", "served-1", "--tracking-uri", with_password],
             cwd=workdir, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
@@ -59,6 +61,14 @@ def test_sweep_logs_runs_and_artifacts_through_the_server(served_sweep):
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
     assert list((workdir / "server" / "artifacts").rglob("gridpg-ixg-input.png"))
     assert f"Open the runs in the tracking server's UI: {url}/#/experiments/{experiment.experiment_id}/runs" in result.stdout
+
+
+def test_the_tracking_uris_password_is_neither_stored_nor_printed(served_sweep):
+    workdir, url, result = served_sweep
+    assert "alice:****@" in result.stderr  # the sweep's lines show the URI, redacted
+    leaks = [str(p) for p in workdir.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert leaks == []  # ray_results (the record, tuner.pkl, experiment state), the server's store and artifacts
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 def _chromium() -> str:
