@@ -196,14 +196,23 @@ def voc2007(
     paths, boxes = [], []
     for image_id in ids:
         xml_path = _existing(voc / "Annotations" / f"{image_id}.xml", "annotation")
-        tree = ET.parse(xml_path).getroot()
-        width, height = (float(tree.findtext(f"size/{k}")) for k in ("width", "height"))
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as err:
+            raise ValueError(f"{xml_path}: not valid XML ({err})") from None
+        try:
+            width, height = (float(tree.findtext(f"size/{k}")) for k in ("width", "height"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{xml_path}: no <size> with <width> and <height>") from None
         rows = []
         for obj in tree.iter("object"):
-            name = obj.findtext("name").strip()
+            name = (obj.findtext("name") or "").strip()
             if name not in VOC_CLASSES:
                 raise ValueError(f"{xml_path}: unknown VOC class {name!r}")
-            box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            try:
+                box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError):
+                raise ValueError(f"{xml_path}: a {name} object without a numeric <bndbox>") from None
             box[0] -= 1  # VOC pixel coordinates are 1-based and inclusive
             box[1] -= 1
             difficult = float(obj.findtext("difficult", "0").strip() == "1")

@@ -76,6 +76,8 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
     """Load ``path`` into ``model`` strictly (classifier weights aside); raises naming the keys that differ."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:  # torch.load aborts the process on an empty file
+        raise ValueError(f"cannot load checkpoint {path}: the file is empty")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints hold their args
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,7 +95,11 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
             f"checkpoint {path} ({checkpoint_format} format) does not fit the backbone: "
             f"missing keys: {listing(missing)}; unexpected keys: {listing(unexpected)}"
         )
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # the keys fit, their shapes do not: another architecture's file
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise ValueError(f"checkpoint {path} ({checkpoint_format} format) does not fit the backbone: {first}") from None
 
 
 def _weights_file(name: str, weights: str | None, weights_enum: str | None) -> Path:

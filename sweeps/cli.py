@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 import typer
 
 app = typer.Typer(help="Sweep probes on frozen backbones, explain them, score localisation, log to MLflow.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+DEBUG_ENV = "PROBESWEEP_DEBUG"  # "1": tracebacks for user errors too (as --debug)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 TrackingUri = Annotated[
     Optional[str],
@@ -191,7 +200,7 @@ def report(
 @app.command()
 def ui(
     tracking_uri: TrackingUri = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=1, max=65535)] = 5000,
 ) -> None:
     """Start the MLflow UI on the sweep store, bound to 127.0.0.1."""
     from sweeps.tracking import ui_command
@@ -216,11 +225,33 @@ def list_registered() -> None:
         typer.echo(f"{plural}: {', '.join(registry.names())}")
 
 
-def main() -> None:
+def run_cli(argv: list[str] | None = None) -> int | str:
+    """Run one command; its exit code. A user error (bad input, a missing or unreadable file, an
+    unreachable server: ``ValueError`` and ``OSError``) is one line on stderr and exit code 2, with
+    the traceback only under ``--debug``; anything else is a bug and shows its traceback."""
+    import sys
+    import traceback
+
+    from sweeps.spec_files import SpecError
+
     try:
-        app()
+        app(args=argv)
     except SystemExit as done:  # typer ends every command this way
-        _leave(0 if done.code is None else done.code)
+        return 0 if done.code is None else done.code
+    except (ValueError, OSError) as err:
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        if isinstance(err, SpecError):  # one line per problem, with its YAML path
+            print(err, file=sys.stderr)
+        else:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            print(f"probesweep: {'; '.join(lines)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    _leave(run_cli())
 
 
 def _leave(code: int | str) -> None:

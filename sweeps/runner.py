@@ -47,6 +47,8 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
 
     dataset, dtype = spec.data.dataset, getattr(torch, spec.train.feature_dtype)
     splits = {name: create_dataset(dataset, name, **spec.data.options()) for name in ("train", "val")}
+    if splits["train"].num_classes < 2:
+        raise ValueError(f"data set {dataset!r} has {splits['train'].num_classes} class: a probe needs at least 2")
     for name, split in splits.items():
         if split.skipped:
             log(f"{dataset}/{name}: skipped {split.skipped} unreadable images (skip_corrupt)")
@@ -214,6 +216,9 @@ def run_sweep(
     if (storage / name / RECORD_FILE).exists():  # (a sweep whose set-up failed left no record)
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
     n_trials = spec.n_trials()
+    check_tracking_store(uri)  # before anything starts: an unknown scheme or a silent server
+    if address is None:
+        check_local_resources(spec)
     prepare_caches(spec, log)
 
     def start_tracking() -> SweepOutcome:
@@ -293,6 +298,45 @@ def resume_sweep(
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
     return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
+
+
+#: the tracking-URI schemes MLflow 3.17 serves (its SQLAlchemy stores' dialects among them)
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Refuse an unknown URI scheme, and a tracking server that does not answer within ``timeout_s``
+    (MLflow's own client retries for minutes), before Ray or any trial starts."""
+    import urllib.error
+    import urllib.request
+
+    shown = redact_uri(uri)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"tracking URI {shown}: unknown scheme {scheme!r}; use one of {', '.join(TRACKING_SCHEMES)}")
+    if scheme in ("http", "https"):
+        from sweeps.tracking import ui_base
+
+        try:
+            urllib.request.urlopen(f"{ui_base(uri)}/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (a proxy without /health, a login page): MLflow's client says more
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConnectionError(
+                f"the tracking server at {shown} does not answer ({reason}) within {timeout_s:g} s: is it running?"
+            ) from None
+
+
+def check_local_resources(spec: SweepSpec) -> None:
+    """A local Ray instance has this machine's CPUs and GPUs: a trial that asks for more would wait forever."""
+    cpus = os.cpu_count() or 1
+    if spec.resources.cpu > cpus:
+        raise ValueError(f"resources.cpu: a trial asks for {spec.resources.cpu:g} CPUs; this machine has {cpus}")
+    if spec.resources.gpu > 0:
+        gpus = torch.cuda.device_count()
+        if spec.resources.gpu > gpus:
+            raise ValueError(f"resources.gpu: a trial asks for {spec.resources.gpu:g} GPUs; this machine has {gpus}")
 
 
 def stored_spec(spec: SweepSpec) -> dict:

@@ -22,7 +22,7 @@ __all__ = [
 class Range(BaseModel):
     """``{low: 1.0e-4, high: 1.0e-1, log: true}``: both ends included."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     low: float
     high: float
@@ -48,13 +48,16 @@ def _kind(value: Any) -> str:
 
 
 def _range_within(value_type: type, bounds: dict[str, float]):
-    """The value bounds (``gt``/``ge``) applied to a range's low end; integer settings need integer ends."""
+    """The value bounds applied to a range: ``gt``/``ge`` to its low end, ``le`` to its high end;
+    integer settings need integer ends."""
 
     def check(r: Range) -> Range:
         if value_type is int and not (float(r.low).is_integer() and float(r.high).is_integer()):
             raise ValueError(f"needs integer ends, got low {r.low:g} and high {r.high:g}")
         for kind, bound in bounds.items():
-            if (r.low <= bound) if kind == "gt" else (r.low < bound):
+            if kind == "le" and r.high > bound:
+                raise ValueError(f"high must be <= {bound:g}, got {r.high:g}")
+            if (kind == "gt" and r.low <= bound) or (kind == "ge" and r.low < bound):
                 raise ValueError(f"low must be {'>' if kind == 'gt' else '>='} {bound:g}, got {r.low:g}")
         return r
 
@@ -119,7 +122,7 @@ EPOCH_METRICS = ("val/accuracy", "val/loss", "train/accuracy", "train/loss")  # 
 class SchedulerSpec(BaseModel):
     """ASHA early stopping on one metric that every epoch reports."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     type: Literal["asha"] = "asha"
     metric: Literal[EPOCH_METRICS] = "val/accuracy"
@@ -133,7 +136,7 @@ class SearchSpec(BaseModel):
     of the ranges per combination of the lists; optuna: ``num_samples`` trials chosen by TPE over
     lists (as choices) and ranges, towards the objectives (several: a Pareto front)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: Annotated[int, Field(ge=1)] | None = None

@@ -7,6 +7,7 @@ reported at once with its YAML path, e.g. ``probe.head[1].depth: mlp heads need 
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,7 +36,7 @@ from probing.datasets import DATASETS
 from probing.heads import HEADS
 from probing.losses import LOSSES
 from probing.registry import Registry
-from sweeps.spec_files import SpecError, check_name, expand_variables, problem_lines
+from sweeps.spec_files import SpecError, check_name, expand_variables, problem_lines, read_spec_file
 from sweeps.space import EPOCH_METRICS, Range, SearchSpec, axis_values, draw, range_paths, search_axis, searchable
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
@@ -67,14 +68,26 @@ def _layer(name: str) -> str:
 
 
 def _auto_or_number(value: Any) -> Any:
-    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
         return value
-    raise ValueError(f"must be 'auto' or a number, got {value!r}")
+    raise ValueError(f"must be 'auto' or a finite number, got {value!r}")
+
+
+def at_most(limit: float, reason: str):
+    """An upper bound whose message says why it is there."""
+
+    def check(value):
+        if value is not None and value > limit:
+            raise ValueError(f"must be <= {limit:,} ({reason}), got {value!r}")
+        return value
+
+    return AfterValidator(check)
 
 
 def _unique(values: list) -> list:
-    if len(values) != len(set(map(str, values))):
-        raise ValueError(f"values repeat: {values}")
+    shown = [v.model_dump(exclude_none=True) if isinstance(v, BaseModel) else v for v in values]
+    if len(values) != len(set(map(str, shown))):
+        raise ValueError(f"values repeat: {shown}")
     return values
 
 
@@ -84,7 +97,7 @@ def _axis(item_type):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 MULTILABEL_DATASETS = ("voc2007", "coco2014")  # multi-hot labels with boxes
@@ -95,11 +108,12 @@ class DataSpec(Strict):
 
     dataset: _registered(DATASETS) = "digits"
     root: str | None = None
-    size: Annotated[int, Field(ge=8)] | None = None  # default: the data set's own (digits 32, VOC 224, COCO 448)
+    # default: the data set's own (digits 32, VOC 224, COCO 448)
+    size: Annotated[int, Field(ge=8), at_most(4096, "images are resized to this side")] | None = None
     skip_corrupt: bool = False  # leave unreadable images out (and report how many) instead of failing
     # train.augment's RandomResizedCrop area range; default (0.08, 1) for class folders, (0.7, 1) for
     # VOC/COCO (How to Probe: smaller crops drop labelled objects while keeping their labels)
-    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] | None = None
+    crop_scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] | None = None
 
     @field_validator("crop_scale")
     @classmethod
@@ -132,8 +146,8 @@ class HeadSpec(Strict):
     """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``, ``{type: bcos, depth: 2, bcos_b: 2.5}``."""
 
     type: _registered(HEADS)
-    depth: searchable(int) | None = None
-    width: searchable(int, ge=1) | None = None
+    depth: searchable(int, le=32) | None = None
+    width: searchable(int, ge=1, le=65536) | None = None
     bcos_b: searchable(float, ge=1) | None = None
     max_out: searchable(int, ge=1) | None = None
     input: Literal["spatial", "pooled"] | None = None  # default spatial: pool after the head
@@ -213,7 +227,7 @@ class ProbeSpec(Strict):
 class ScheduleSpec(Strict):
     """Optimiser and schedule settings, shared by ``train`` and a recipe's ``train``."""
 
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[int, Field(ge=1), at_most(65536, "one batch must fit in memory")] = 256
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     warmup_start: Annotated[float, Field(gt=0, le=1)] = 0.01  # the warm-up's first lr, as a factor of lr
     optimizer: Literal["adam", "sgd"] = "adam"  # adam: warm-up + cosine; sgd: momentum, step decay
@@ -224,9 +238,9 @@ class ScheduleSpec(Strict):
 
 
 class TrainSpec(ScheduleSpec):
-    epochs: Annotated[int, Field(ge=1)] = 10
-    lr: search_axis(float, gt=0) = 1e-3  # a value, grid values [..] or a range {low, high, log}
-    weight_decay: search_axis(float, ge=0) = 0.0
+    epochs: Annotated[int, Field(ge=1), at_most(10_000, "the papers train 50-100; more would take days per trial")] = 10
+    lr: search_axis(float, gt=0, le=1000) = 1e-3  # a value, grid values [..] or a range {low, high, log}
+    weight_decay: search_axis(float, ge=0, le=1) = 0.0
     seed: _axis(int) = [0]
     augment: bool = False  # train through the backbone with augmentation each epoch (slow) instead of the cache
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the feature cache
@@ -299,8 +313,9 @@ class EvaluateSpec(Strict):
     layers: _axis(Annotated[str, AfterValidator(_layer)]) = ["input", "final"]
     metrics: _axis(Literal[METRICS]) = ["gridpg"]
     grid: Annotated[int, Field(ge=2, le=4)] = 2
-    n_grids: Annotated[int, Field(ge=1)] = 32
-    n_images: Annotated[int, Field(ge=1)] = 64  # images (each with its box classes) scored by EPG
+    n_grids: Annotated[int, Field(ge=1), at_most(100_000, "the reference scores 500; 100,000 grids take days per trial")] = 32
+    # images (each with its box classes) scored by EPG
+    n_images: Annotated[int, Field(ge=1), at_most(1_000_000, "more than any data set here has")] = 64
     confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
     seed: int = 0
     # DiFull and DiPart explain the top-left and bottom-right cells (Rao et al.) or all cells
@@ -341,8 +356,8 @@ class EvaluateSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    cpu: Annotated[float, Field(gt=0)] = 1.0
-    gpu: Annotated[float, Field(ge=0)] = 0.0
+    cpu: Annotated[float, Field(gt=0), at_most(1024, "CPUs of one trial")] = 1.0
+    gpu: Annotated[float, Field(ge=0), at_most(64, "GPUs of one trial")] = 0.0
     # times Ray restarts a failed trial from its last checkpoint (a lost node, a killed worker)
     max_failures: Annotated[int, Field(ge=0)] = 1
 
@@ -505,12 +520,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read a sweep spec file, expand its ``${VARIABLES}`` and validate it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(path), ["file not found"]) from None
-    except yaml.YAMLError as err:
-        raise SpecError(str(path), [f"not valid YAML: {err}"]) from None
+    data = read_spec_file(path)
     problems: list[str] = []
     data = expand_variables(data, problems=problems)
     if problems:

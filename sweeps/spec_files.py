@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SECRET_URI_ENV", "SpecError", "check_name", "expand_variables", "problem_lines", "redact_uri", "secret_uri"]
+__all__ = [
+    "SECRET_URI_ENV", "SpecError", "check_name", "expand_variables", "problem_lines", "read_spec_file", "redact_uri",
+    "secret_uri",
+]
 
 SECRET_URI_ENV = "PROBESWEEP_TRACKING_URI"  # the real tracking URI, where it holds a secret (never stored)
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token|password|passwd|secret|key|sig|signature)=)[^&#]*")
@@ -88,12 +91,87 @@ def _message(error: dict) -> str:
         return f"must be an integer, got {value!r}"
     if kind in ("float_parsing", "float_type"):
         return f"must be a number, got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    if kind in ("string_type", "bool_type", "list_type", "dict_type", "model_type", "model_attributes_type"):
+        wanted = {"string_type": "text", "bool_type": "true or false", "list_type": "a list"}.get(kind, "a mapping of keys")
+        return f"must be {wanted}, got {value!r}"
     if kind == "too_short":
-        return "must not be empty"
+        least = ctx.get("min_length", 1)
+        return "must not be empty" if least == 1 else f"must have {least} items, got {len(value)}"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items, got {len(value)}"
     return error["msg"].removeprefix("Value error, ")
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+MAX_VALUES, MAX_DEPTH = 100_000, 64  # a spec is a few hundred values; YAML aliases can make billions
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=deep)
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class says what is wrong
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.MarkedYAMLError(problem=f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1}")
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _size_problem(data: Any) -> str | None:
+    """Why ``data`` is too big or too deep to be a spec, or None. Shared (aliased) values count every
+    time they appear, as expanding and validating them costs; the walk stops at the budget."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return f"the spec holds more than {MAX_VALUES:,} values (YAML aliases repeat what they point to): simplify it"
+        if depth > MAX_DEPTH:
+            return f"the spec is nested deeper than {MAX_DEPTH} levels"
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def read_spec_file(path: Path) -> Any:
+    """The YAML in ``path``; every way it can fail is a :class:`SpecError` naming the file."""
+    import yaml
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except IsADirectoryError:
+        raise SpecError(str(path), ["is a folder, not a spec file"]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {err.start}): save the spec as UTF-8"]) from None
+    except OSError as err:
+        raise SpecError(str(path), [f"cannot be read: {err.strerror}"]) from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise SpecError(str(path), [f"the spec is nested deeper than {MAX_DEPTH} levels"]) from None
+    except yaml.YAMLError as err:
+        where = f"line {err.problem_mark.line + 1}: " if getattr(err, "problem_mark", None) else ""
+        raise SpecError(str(path), [f"not valid YAML: {where}{err.problem or err}".replace("\n", " ")]) from None
+    problem = _size_problem(data)
+    if problem:
+        raise SpecError(str(path), [problem])
+    return data
 
 
 def expand_variables(node: Any, path: str = "", problems: list[str] | None = None) -> Any:

@@ -94,7 +94,7 @@ BAD_SPECS = [
     ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to mlp and bcos heads only, not to 'linear'"),
     ("probe.head", [{"type": "mlp", "width": 0}], "probe.head[0].width: must be >= 1, got 0"),
     ("probe.head", [{"type": "mlp", "dept": 2}], "probe.head[0].dept: unknown key"),
-    ("probe.logit_bias", "big", "probe.logit_bias: must be 'auto' or a number, got 'big'"),
+    ("probe.logit_bias", "big", "probe.logit_bias: must be 'auto' or a finite number, got 'big'"),
     ("train.lr", -1, "train.lr: must be > 0, got -1"),
     ("train.epochs", "ten", "train.epochs: must be an integer, got 'ten'"),
     ("train.epoch", 3, "train.epoch: unknown key"),
