@@ -125,29 +125,48 @@ class BackboneEntry:
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")
 
 
-def file_digest(path: Path) -> str:
-    """First 12 hex digits of the file's SHA-256 (keys the feature cache to the weights)."""
+def file_digest(path: Path, full: bool = False) -> str:
+    """The file's SHA-256: its first 12 hex digits (keys the feature cache to the weights), or all."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest() if full else digest.hexdigest()[:12]
+
+
+def _verified_state(weights: Path, log) -> dict | None:
+    """The cached state dict if the file is whole (its SHA-256 equals the one saved beside it), else
+    None with a log line saying why: a truncated, overwritten or empty file is rebuilt, never used."""
+    checksum = weights.with_suffix(".sha256")
+    if not weights.exists():
+        return None
+    if not checksum.is_file() or checksum.read_text().strip() != file_digest(weights, full=True):
+        log(f"backbone cache {weights} fails its checksum (or has none); pre-training it again")
+        return None
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (whatever is wrong with it, it is rebuilt)
+        log(f"backbone cache {weights} is unreadable ({err}); pre-training it again")
+        return None
 
 
 def _cached_pretrained(name: str, entry: BackboneEntry, backbone: StagedBackbone, log) -> str:
-    """Load an embedded backbone's weights, pre-training and caching them first if needed."""
+    """Load an embedded backbone's weights, pre-training and caching them first if needed (or if
+    the cached file fails its checksum)."""
     from filelock import FileLock
 
     weights = cache_dir() / "backbones" / f"{name}.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(weights) + ".lock"):
-        if not weights.exists():
+        state = _verified_state(weights, log)
+        if state is None:
             log(f"pre-training backbone {name} (first use; cached at {weights})")
             entry.pretrain(backbone, log)
+            state = backbone.state_dict()
             tmp = weights.with_suffix(".tmp")
-            torch.save(backbone.state_dict(), tmp)
+            torch.save(state, tmp)
+            weights.with_suffix(".sha256").write_text(file_digest(tmp, full=True))
             os.replace(tmp, weights)  # atomic: readers never see a half-written file
-        state = torch.load(weights, map_location="cpu", weights_only=True)
     backbone.load_state_dict(state, strict=True)
     return file_digest(weights)
 

@@ -339,6 +339,14 @@ def check_local_resources(spec: SweepSpec) -> None:
             raise ValueError(f"resources.gpu: a trial asks for {spec.resources.gpu:g} GPUs; this machine has {gpus}")
 
 
+def private_auth_token() -> None:
+    """Ray 2.60's token authentication writes ``~/.ray/auth_token`` readable by everyone (0644);
+    whoever reads it can submit code to the cluster: make it the owner's alone."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
+
+
 def stored_spec(spec: SweepSpec) -> dict:
     """The spec as it is stored (the parent run's spec.yaml, the sweep record): secrets redacted."""
     data = spec.model_dump(mode="json")
@@ -413,6 +421,7 @@ def _drive(
                         runtime_env={"env_vars": {SECRET_URI_ENV: os.environ[SECRET_URI_ENV]}}
                         if address is not None and SECRET_URI_ENV in os.environ else None,
                     )  # fmt: skip
+                    private_auth_token()
                     reroute()
                     make_tuner(tracking.result()).fit()
                 finally:

@@ -71,8 +71,12 @@ def start_sweep_run(
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep})
     params = {"n_trials": str(n_trials), OBJECTIVES_PARAM: json.dumps(objectives or {"val/accuracy": "max"})}
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
+    try:
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")  # never a parent left RUNNING by a failed start
+        raise
     return run.info.run_id
 
 
@@ -161,6 +165,7 @@ class TrialRun:
         self.run_id = ""
         self.previous_status: str | None = None  # of the run found on entry; None if created
         self.seconds = 0.0  # spent in the logging methods
+        self.upload_failed = False  # an artifact could not be saved (tag warning.artifacts)
         self.unwritten: list[Metric] = []  # logged with later=True, written by flush()
         # set once the trial has logged all it logs: Ray stopping it after that (ASHA stops a
         # trial at its last report, Ctrl-C may come) leaves the run FINISHED
@@ -211,21 +216,39 @@ class TrialRun:
             batch, self.unwritten = self.unwritten[:MAX_METRICS_PER_BATCH], self.unwritten[MAX_METRICS_PER_BATCH:]
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def _upload(self, what: str, upload) -> bool:
+        """An artifact upload that cannot fail the trial: scores and metrics live in the tracking
+        store, artifacts in the artifact store, which may be unwritable (a full disk, a read-only
+        bucket). A failure is a warning on the run (tag ``warning.artifacts``, the first one) and on
+        stderr; the trial goes on and logs its scores."""
+        try:
+            upload()
+            return True
+        except Exception as err:  # noqa: BLE001 (any store's error: the scores must still be logged)
+            message = f"{what} not saved: {type(err).__name__}: {err}"[:1000]
+            print(f"warning: trial {self.trial_id}: {message}", file=sys.stderr, flush=True)
+            if not self.upload_failed:
+                self.upload_failed = True
+                self.client.set_tag(self.run_id, "warning.artifacts", message)
+            return False
+
     @_timed
-    def log_figure(self, figure, artifact_file: str) -> None:
-        """Save a matplotlib figure as an image artifact and free it."""
+    def log_figure(self, figure, artifact_file: str) -> bool:
+        """Save a matplotlib figure as an image artifact and free it; False if it could not be saved."""
         import matplotlib.pyplot as plt
 
-        self.client.log_figure(self.run_id, figure, artifact_file)
-        plt.close(figure)
+        try:
+            return self._upload(artifact_file, lambda: self.client.log_figure(self.run_id, figure, artifact_file))
+        finally:
+            plt.close(figure)
 
     @_timed
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+    def log_text(self, text: str, artifact_file: str) -> bool:
+        return self._upload(artifact_file, lambda: self.client.log_text(self.run_id, text, artifact_file))
 
     @_timed
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> bool:
+        return self._upload(Path(local_path).name, lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path))
 
     @_timed
     def set_tags(self, tags: dict[str, str]) -> None:

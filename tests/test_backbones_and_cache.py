@@ -179,3 +179,37 @@ def test_embedded_pretraining_schemes_learn_features(name, gain):
     untrained = BACKBONES.get(name).build().eval()
     trained_accuracy, untrained_accuracy = _linear_probe_accuracy(backbone), _linear_probe_accuracy(untrained)
     assert trained_accuracy > 0.85 and trained_accuracy > untrained_accuracy + gain
+
+
+@pytest.mark.parametrize("damage", ["overwritten bytes", "truncated", "empty", "no checksum"])
+def test_a_damaged_backbone_cache_is_rebuilt_never_used(tmp_path, monkeypatch, damage):
+    from probing.backbones import BACKBONES, BackboneEntry, create_backbone
+    from probing.embedded_backbones import tiny_resnet
+
+    monkeypatch.setenv("PROBESWEEP_CACHE", str(tmp_path))
+    trained = []
+
+    def pretrain(backbone, log):  # cheap and recognisable: every weight 0.5
+        trained.append(1)
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.fill_(0.5)
+
+    monkeypatch.setitem(BACKBONES._entries, "test_cached", BackboneEntry(build=lambda: tiny_resnet((4, 8, 16)), pretrain=pretrain))
+    log = []
+    first = create_backbone("test_cached", log=log.append)
+    assert trained == [1] and create_backbone("test_cached", log=log.append).digest == first.digest and trained == [1]
+    weights = tmp_path / "backbones" / "test_cached.pt"
+    data = weights.read_bytes()
+    if damage == "overwritten bytes":
+        weights.write_bytes(data[:400] + bytes(64) + data[464:])  # loads without error, other weights
+    elif damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        weights.with_suffix(".sha256").unlink()
+    log.clear()
+    again = create_backbone("test_cached", log=log.append)
+    assert trained == [1, 1] and any(f"backbone cache {weights}" in m for m in log)
+    assert all((p == 0.5).all() for p in again.parameters()) and again.digest == first.digest

@@ -72,6 +72,11 @@ def test_sweep_prints_results_and_the_ui_command(sweep):
     assert (workdir / "ray_results" / "e2e-sweep" / "driver.log").is_file()
 
 
+def test_rays_auth_token_is_readable_by_its_owner_only(sweep):
+    token = Path(os.environ["HOME"]) / ".ray" / "auth_token"  # Ray 2.60 writes it 0644
+    assert token.is_file() and token.stat().st_mode & 0o777 == 0o600
+
+
 def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
     workdir, _ = sweep
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")

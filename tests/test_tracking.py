@@ -111,3 +111,35 @@ def test_a_resumed_trial_loads_the_newest_kept_checkpoint_when_ray_names_a_delet
     assert kept_state(tmp_path / "checkpoint_000003") == tmp_path / "checkpoint_000003" / STATE_FILE  # Ray's own
     assert kept_state(tmp_path / "checkpoint_000009") == tmp_path / "checkpoint_000011" / STATE_FILE  # deleted
     assert kept_state(tmp_path / "empty" / "checkpoint_000001") is None
+
+
+def _unwritable_experiment(uri: str) -> str:
+    """An experiment whose artifacts would go under a regular file: every upload fails, even as root."""
+    return MlflowClient(uri).create_experiment("unwritable", artifact_location="file:///dev/null/artifacts")
+
+
+def test_an_artifact_that_cannot_be_saved_is_a_warning_and_the_scores_are_logged(store):
+    import matplotlib.pyplot as plt
+
+    uri, _, parent = store
+    experiment_id = _unwritable_experiment(uri)
+    with TrialRun(uri, experiment_id, parent, "t_00009", "probe_trial_t_00009") as run:
+        run.log_metrics({"gridpg/ixg/input": 0.42}, step=3, later=True)
+        assert run.log_figure(plt.figure(), "aggatt/x.png") is False and run.log_text("a", "trial_config.yaml") is False
+        run.complete = True
+        run.flush()
+    finished = MlflowClient(uri).get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.metrics == {"gridpg/ixg/input": 0.42}
+    assert finished.data.tags["warning.artifacts"].startswith("aggatt/x.png not saved: ")
+    assert not plt.get_fignums()  # the figure was freed all the same
+
+
+def test_a_sweep_run_whose_start_fails_is_not_left_running(store):
+    from sweeps.tracking import start_sweep_run
+
+    uri, _, _ = store
+    experiment_id = _unwritable_experiment(uri)
+    with pytest.raises(Exception):  # noqa: B017 (the artifact store's own error)
+        start_sweep_run(uri, experiment_id, "s", "name: s\n", 1)
+    (run,) = MlflowClient(uri).search_runs([experiment_id])
+    assert run.info.status == "FAILED"
