@@ -217,6 +217,9 @@ def run_sweep(
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
     n_trials = spec.n_trials()
     check_tracking_store(uri)  # before anything starts: an unknown scheme or a silent server
+    check_can_create(storage / name, "--storage (the Ray results folder)")
+    if uri.startswith("sqlite:///"):
+        check_can_create(Path(uri.removeprefix("sqlite:///")).parent, "the MLflow store's folder")
     if address is None:
         check_local_resources(spec)
     prepare_caches(spec, log)
@@ -328,6 +331,33 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
 
 
+def check_can_create(folder: Path, what: str) -> None:
+    """``folder`` exists as a writable folder or can be made: its nearest existing ancestor is a
+    writable folder. Checked without creating anything, before any work."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} cannot be made, {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: {existing} is not writable")
+
+
+def check_cluster_resources(spec: SweepSpec, log: Callable[[str], None]) -> None:
+    """On a cluster, say at once when a trial asks for more than the cluster has now: its trials
+    wait for an autoscaler to add nodes (Ray's own warning goes to driver.log only)."""
+    import ray
+
+    total = ray.cluster_resources()
+    for kind, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        asked, has = getattr(spec.resources, kind), total.get(key, 0.0)
+        if asked > has:
+            log(
+                f"warning: a trial asks for {asked:g} {key}s; the cluster has {has:g} now: trials wait until an "
+                "autoscaler adds nodes (Ctrl-C stops the sweep; resources in the spec)"
+            )
+
+
 def check_local_resources(spec: SweepSpec) -> None:
     """A local Ray instance has this machine's CPUs and GPUs: a trial that asks for more would wait forever."""
     cpus = os.cpu_count() or 1
@@ -422,6 +452,8 @@ def _drive(
                         if address is not None and SECRET_URI_ENV in os.environ else None,
                     )  # fmt: skip
                     private_auth_token()
+                    if address is not None:
+                        check_cluster_resources(spec, log)
                     reroute()
                     make_tuner(tracking.result()).fit()
                 finally:

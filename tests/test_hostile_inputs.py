@@ -219,6 +219,10 @@ CLI_CASES = [
     (["report", "it's"], "\"it's\" is not a sweep name" + NAME_RULE),
     (["report", "mini"], "no sweep named 'mini': there is no MLflow store here ({cwd}/mlflow.db); give --tracking-uri"),
     (["resume", "gone"], "no sweep 'gone' to resume: {cwd}/ray_results/gone/probesweep.yaml does not exist"),
+    (["run", "--name", "s", "--storage", "/dev/null/results"],
+     "probesweep: --storage (the Ray results folder): /dev/null/results/s cannot be made, /dev/null is not a folder"),
+    (["run", "--tracking-uri", "sqlite:////dev/null/db/mlflow.db"],
+     "probesweep: the MLflow store's folder: /dev/null/db cannot be made, /dev/null is not a folder"),
     (["run", "--tracking-uri", "ftp://host/x"],
      "probesweep: tracking URI ftp://host/x: unknown scheme 'ftp'; use one of sqlite, file, http, https, postgresql, "
      "mysql, mssql, databricks"),
@@ -375,3 +379,25 @@ def test_bad_data_and_weights_files_are_one_line_before_ray_starts(tmp_path, cap
         )
     else:
         assert err == "probesweep: " + message.format(root=root, weights=weights)
+
+
+def test_a_cluster_without_the_resources_a_trial_asks_for_is_named_at_once(monkeypatch):
+    import ray
+
+    from sweeps.runner import check_cluster_resources
+    from sweeps.spec import parse_spec
+
+    spec = parse_spec(_with("resources", {"cpu": 8, "gpu": 1}))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # what a 2-core head reports
+    lines = []
+    check_cluster_resources(spec, lines.append)
+    assert lines == [
+        "warning: a trial asks for 8 CPUs; the cluster has 2 now: trials wait until an autoscaler adds nodes "
+        "(Ctrl-C stops the sweep; resources in the spec)",
+        "warning: a trial asks for 1 GPUs; the cluster has 0 now: trials wait until an autoscaler adds nodes "
+        "(Ctrl-C stops the sweep; resources in the spec)",
+    ]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    lines.clear()
+    check_cluster_resources(spec, lines.append)
+    assert lines == []
