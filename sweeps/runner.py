@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import yaml
 
+from sweeps.leftovers import record_processes, stop_leftovers
 from sweeps.spec import SweepSpec, head_label
 # not sweeps.tracking: MLflow loads while Ray starts
 from sweeps.spec_files import SECRET_URI_ENV, check_name, default_tracking_uri, redact_uri, secret_uri
@@ -286,6 +287,7 @@ def resume_sweep(
     if not record_file.is_file():
         raise FileNotFoundError(f"no sweep {name!r} to resume: {record_file} does not exist")
     check_private(folder)
+    stop_leftovers(folder, log)  # Ray processes of the sweep's killed driver
     if not tune.Tuner.can_restore(str(folder)):
         raise FileNotFoundError(f"sweep {name!r} never started its trials ({folder} holds no Ray Tune state)")
     record = yaml.safe_load(record_file.read_text())
@@ -454,6 +456,8 @@ def _drive(
                     private_auth_token()
                     if address is not None:
                         check_cluster_resources(spec, log)
+                    else:  # found again and stopped by `resume` if this driver is killed
+                        record_processes(log_file.parent)
                     reroute()
                     make_tuner(tracking.result()).fit()
                 finally:
