@@ -182,9 +182,11 @@ def report(
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
     _name(name)
+    from sweeps.runner import check_tracking_store
     from sweeps.tracking import find_sweep_run
 
     uri = _uri(tracking_uri)
+    check_tracking_store(uri)  # MLflow's client would retry a silent server for minutes
     store = Path.cwd() / "mlflow.db"
     if tracking_uri is None and not store.is_file():  # opening it would create an empty store
         typer.echo(f"no sweep named {name!r}: there is no MLflow store here ({store}); give --tracking-uri", err=True)

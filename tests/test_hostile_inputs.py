@@ -229,6 +229,9 @@ CLI_CASES = [
     (["run", "--tracking-uri", "mlruns"],
      "probesweep: tracking URI mlruns: unknown scheme ''; use one of sqlite, file, http, https, postgresql, mysql, "
      "mssql, databricks"),
+    (["report", "s", "--tracking-uri", "http://127.0.0.1:9"],
+     "probesweep: the tracking server at http://127.0.0.1:9 does not answer ([Errno 111] Connection refused) within "
+     "5 s: is it running?"),
     (["run", "--tracking-uri", "http://alice:pw@127.0.0.1:9"],
      "probesweep: the tracking server at http://alice:****@127.0.0.1:9 does not answer ([Errno 111] Connection "
      "refused) within 5 s: is it running?"),
