@@ -182,7 +182,7 @@ def report(
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
     _name(name)
-    from sweeps.runner import check_tracking_store
+    from sweeps.preflight import check_tracking_store
     from sweeps.tracking import find_sweep_run
 
     uri = _uri(tracking_uri)

@@ -387,7 +387,7 @@ def test_bad_data_and_weights_files_are_one_line_before_ray_starts(tmp_path, cap
 def test_a_cluster_without_the_resources_a_trial_asks_for_is_named_at_once(monkeypatch):
     import ray
 
-    from sweeps.runner import check_cluster_resources
+    from sweeps.preflight import check_cluster_resources
     from sweeps.spec import parse_spec
 
     spec = parse_spec(_with("resources", {"cpu": 8, "gpu": 1}))

@@ -440,7 +440,7 @@ def test_the_searchers_saved_state_is_data_not_a_pickle(tmp_path):
 
 
 def test_resume_refuses_a_storage_folder_others_can_write_to(tmp_path):
-    from sweeps.runner import check_private
+    from sweeps.preflight import check_private
 
     folder = tmp_path / "ray_results" / "sweep"
     folder.mkdir(parents=True)
