@@ -115,6 +115,8 @@ def run(
 
     _name(name)
     spec = _load(config or DEMO_SPEC)
+    for warning in spec.warnings():
+        typer.echo(f"warning: {warning}", err=True)
     from sweeps.runner import run_sweep
 
     _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, storage=storage, log=log))
@@ -167,6 +169,8 @@ def validate(
 
     config = config or DEMO_SPEC
     spec = _load(config)
+    for warning in spec.warnings():
+        typer.echo(f"warning: {warning}", err=True)
     per_point = f", {spec.search.num_samples} draws per grid point" if spec.search.algorithm == "random" else ""
     typer.echo(f"{config}: ok, {spec.n_trials()} trials ({spec.search.algorithm} search{per_point})")
 

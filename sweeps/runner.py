@@ -120,7 +120,9 @@ def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], 
         def on_experiment_end(self, trials, **info):
             """Close the runs of trials that Ray ended but that could not close their own: stopped
             early by the scheduler, or interrupted by Ctrl-C (called on both ways out)."""
-            close_trial_runs(outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id, self.ended, epochs)
+            # Ray pickles this callback with the experiment: it holds the redacted URI, the real one is in the env
+            uri = secret_uri(outcome.tracking_uri)
+            close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, self.ended, epochs)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._count(trials, trial)
@@ -189,6 +191,7 @@ def ray_output_to(log_file: Path):
 # (docs/cluster.md).
 TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "4294967295", "MALLOC_ARENA_MAX": "1"}
 
+QUIET_MLFLOW = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 RECORD_FILE = "probesweep.yaml"  # beside Ray's experiment state: what `probesweep resume` needs
 DRIVER_LOG = "driver.log"
 
@@ -221,6 +224,8 @@ def run_sweep(
     shown = redact_uri(uri)  # what is printed and stored; the real URI stays in memory and the trials' environment
     if shown != uri:
         os.environ[SECRET_URI_ENV] = uri
+    if spec.tracking.uri:  # from here on the spec travels (searchers, Ray's pickles): redacted
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": redact_uri(spec.tracking.uri)})})
     storage = Path(storage or spec.storage or workdir / "ray_results").expanduser().resolve()
     if (storage / name / RECORD_FILE).exists():  # (a sweep whose set-up failed left no record)
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: resume it with `probesweep resume {name}`")
@@ -238,10 +243,10 @@ def run_sweep(
         from sweeps.tracking import ensure_experiment, start_sweep_run
 
         experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
-        spec_yaml = yaml.safe_dump(stored_spec(spec), sort_keys=False)
+        spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
         outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
-        record = {"spec": stored_spec(spec), "outcome": asdict(outcome) | {"tracking_uri": shown}}
+        record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome) | {"tracking_uri": shown}}
         (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
         log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {shown} (experiment {experiment_id}), Ray results {storage / name}")
         return outcome
@@ -268,7 +273,7 @@ def run_sweep(
                 name=name,
                 storage_path=str(storage),
                 verbose=0,
-                callbacks=[_progress_callback(outcome, spec.train.epochs, log)],
+                callbacks=[_progress_callback(replace(outcome, tracking_uri=shown), spec.train.epochs, log)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             ),
@@ -313,14 +318,6 @@ def resume_sweep(
     return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
 
 
-def stored_spec(spec: SweepSpec) -> dict:
-    """The spec as it is stored (the parent run's spec.yaml, the sweep record): secrets redacted."""
-    data = spec.model_dump(mode="json")
-    if data["tracking"]["uri"]:
-        data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
-    return data
-
-
 def _trainable(spec: SweepSpec):
     from ray import tune
 
@@ -363,6 +360,9 @@ def _drive(
                     # results live in MLflow: Ray Tune's own per-result JSON/CSV/TensorBoard files only
                     # cost the driver CPU time, which the trials' threads lose on a small machine
                     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+                    # MLflow prints "View run ... at <tracking URI>" when a run ends: with the URI's
+                    # password, into the terminal and Ray's worker logs; probesweep prints its own links
+                    os.environ[QUIET_MLFLOW] = "true"
                     ray.init(
                         # "local": a new instance even where `ray start` left a cluster address behind (a
                         # plain ray.init() would try to join it, and wait forever if it is gone)
@@ -370,8 +370,8 @@ def _drive(
                         # nothing reads Ray's metrics here; exporting them keeps its daemons busy
                         _system_config={"enable_metrics_collection": False} if address is None else None,
                         # a tracking URI with a secret reaches a cluster's trials in memory, never in a file
-                        runtime_env={"env_vars": {SECRET_URI_ENV: os.environ[SECRET_URI_ENV]}}
-                        if address is not None and SECRET_URI_ENV in os.environ else None,
+                        runtime_env={"env_vars": {k: os.environ[k] for k in (SECRET_URI_ENV, QUIET_MLFLOW) if k in os.environ}}
+                        if address is not None else None,
                     )  # fmt: skip
                     private_auth_token()
                     if address is not None:

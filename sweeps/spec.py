@@ -101,6 +101,7 @@ class Strict(BaseModel):
 
 
 MULTILABEL_DATASETS = ("voc2007", "coco2014")  # multi-hot labels with boxes
+DEFAULT_SIZES = {"digits": 32, "imagefolder": 224, "voc2007": 224, "coco2014": 448}  # the data sets' own image side
 
 
 class DataSpec(Strict):
@@ -392,6 +393,19 @@ class SweepSpec(Strict):
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
         return check_name(v)
+
+    def warnings(self) -> list[str]:
+        """What is valid but probably not meant (printed by ``validate`` and ``run``)."""
+        side = (self.data.size or DEFAULT_SIZES.get(self.data.dataset, 224)) * (
+            1 if self.data.multilabel else self.evaluate.grid
+        )  # the maps' side: an image, or a grid of them
+        kernel = max(s.kernel for s in REFERENCE_SMOOTHING.values())
+        if self.evaluate.smoothing == "reference" and side < kernel:
+            return [
+                f"evaluate.smoothing: the reference's {kernel} px Gaussian is sized for 224-448 px images; on these "
+                f"{side} px maps it spreads attribution over the whole map: consider smoothing: none or a smaller kernel"
+            ]
+        return []
 
     def n_trials(self) -> int:
         """How many trials the sweep runs."""

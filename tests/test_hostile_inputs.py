@@ -375,7 +375,7 @@ def test_bad_data_and_weights_files_are_one_line_before_ray_starts(tmp_path, cap
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     *progress, err = _refused(["run", tmp_path / "spec.yaml"], work, capsys).strip().splitlines()
-    assert all(line.startswith(("computing ", "  features")) for line in progress)  # the work done up to the error
+    assert all(line.startswith(("warning: ", "computing ", "  features")) for line in progress)  # before the error
     if message is None:
         assert err.startswith(f"probesweep: cannot load checkpoint {weights_file}") or err.startswith(
             f"probesweep: checkpoint {weights_file} (torchvision format) does not fit the backbone: "

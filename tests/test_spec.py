@@ -482,3 +482,15 @@ def test_the_real_uri_of_a_redacted_one_comes_from_the_environment(monkeypatch):
         secret_uri("http://alice:****@h:1")
     monkeypatch.setenv("PROBESWEEP_TRACKING_URI", "http://alice:pw@h:1")
     assert secret_uri("http://alice:****@h:1") == "http://alice:pw@h:1"
+
+
+def test_reference_smoothing_on_maps_smaller_than_its_kernel_is_warned_about():
+    assert parse_spec(DEMO).warnings() == []  # the demo says smoothing: none
+    small = parse_spec(_with("evaluate.smoothing", "reference"))
+    assert small.warnings() == [
+        "evaluate.smoothing: the reference's 129 px Gaussian is sized for 224-448 px images; on these 64 px maps it "
+        "spreads attribution over the whole map: consider smoothing: none or a smaller kernel"
+    ]
+    data = _with("evaluate.smoothing", "reference")
+    data["data"]["size"] = 128  # 2x2 grids of 128 px: 256 px maps
+    assert parse_spec(data).warnings() == []

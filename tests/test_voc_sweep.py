@@ -50,7 +50,9 @@ def test_voc_sweep_scores_epg_against_the_boxes(tmp_path):
         "backbones": ["tiny_resnet_sup"],
         "probe": {"loss": "bce_multilabel", "head": {"type": "linear"}},
         "train": {"epochs": 3, "lr": 0.05},
-        "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "metrics": ["epg"], "n_images": 8},
+        # raw maps (smoothing none): the reference's 129 px Gaussian would spread them over these 32 px images
+        "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "metrics": ["epg"], "n_images": 8,
+                     "smoothing": "none"},
         "tracking": {"experiment": "voc"},
     }
     (tmp_path / "voc.yaml").write_text(yaml.safe_dump(spec))
