@@ -125,13 +125,14 @@ def test_an_artifact_that_cannot_be_saved_is_a_warning_and_the_scores_are_logged
     experiment_id = _unwritable_experiment(uri)
     with TrialRun(uri, experiment_id, parent, "t_00009", "probe_trial_t_00009") as run:
         run.log_metrics({"gridpg/ixg/input": 0.42}, step=3, later=True)
-        assert run.log_figure(plt.figure(), "aggatt/x.png") is False and run.log_text("a", "trial_config.yaml") is False
+        figure = plt.figure()
+        assert run.log_figure(figure, "aggatt/x.png") is False and run.log_text("a", "trial_config.yaml") is False
         run.complete = True
         run.flush()
     finished = MlflowClient(uri).get_run(run.run_id)
     assert finished.info.status == "FINISHED" and finished.data.metrics == {"gridpg/ixg/input": 0.42}
     assert finished.data.tags["warning.artifacts"].startswith("aggatt/x.png not saved: ")
-    assert not plt.get_fignums()  # the figure was freed all the same
+    assert figure.number not in plt.get_fignums()  # the figure was freed all the same
 
 
 def test_a_sweep_run_whose_start_fails_is_not_left_running(store):

@@ -49,7 +49,9 @@ def test_voc_sweep_scores_epg_against_the_boxes(tmp_path):
         "data": {"dataset": "voc2007", "root": str(root), "size": 32},
         "backbones": ["tiny_resnet_sup"],
         "probe": {"loss": "bce_multilabel", "head": {"type": "linear"}},
-        "train": {"epochs": 3, "lr": 0.05},
+        # 10 epochs of one batch: without a logit bias (the reference's multi-label setting) 3 steps
+        # left the probe at 0.6 val accuracy, and its maps diffuse (measured: EPG 0.26 vs 0.36 at 10)
+        "train": {"epochs": 10, "lr": 0.05},
         # raw maps (smoothing none): the reference's 129 px Gaussian would spread them over these 32 px images
         "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "metrics": ["epg"], "n_images": 8,
                      "smoothing": "none"},
@@ -62,7 +64,7 @@ def test_voc_sweep_scores_epg_against_the_boxes(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("voc").experiment_id])
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     metrics = child.data.metrics
-    assert child.info.status == "FINISHED" and metrics["epg/rows"] == 8.0
+    assert child.info.status == "FINISHED" and metrics["epg/rows"] == 8.0 and metrics["val/accuracy"] > 0.9
     for key in ("epg/ixg/input", "epg/ixg/final", "epg/gradcam/final"):
         assert 0.0 <= metrics[key] <= 1.0
     # a box covers about 22% of the image: attribution concentrated on the objects beats that
