@@ -134,13 +134,11 @@ def file_digest(path: Path, full: bool = False) -> str:
     return digest.hexdigest() if full else digest.hexdigest()[:12]
 
 
-def _verified_state(weights: Path, log) -> dict | None:
-    """The cached state dict if the file is whole (its SHA-256 equals the one saved beside it), else
-    None with a log line saying why: a truncated, overwritten or empty file is rebuilt, never used."""
+def _verified_state(weights: Path, digest: str, log) -> dict | None:
+    """The cached state dict if the file is whole (its SHA-256 ``digest`` equals the one saved beside
+    it), else None with a log line saying why: a truncated, overwritten or empty file is rebuilt."""
     checksum = weights.with_suffix(".sha256")
-    if not weights.exists():
-        return None
-    if not checksum.is_file() or checksum.read_text().strip() != file_digest(weights, full=True):
+    if not checksum.is_file() or checksum.read_text().strip() != digest:
         log(f"backbone cache {weights} fails its checksum (or has none); pre-training it again")
         return None
     try:
@@ -158,17 +156,19 @@ def _cached_pretrained(name: str, entry: BackboneEntry, backbone: StagedBackbone
     weights = cache_dir() / "backbones" / f"{name}.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(weights) + ".lock"):
-        state = _verified_state(weights, log)
+        digest = file_digest(weights, full=True) if weights.exists() else ""  # the file is read once
+        state = _verified_state(weights, digest, log) if digest else None
         if state is None:
             log(f"pre-training backbone {name} (first use; cached at {weights})")
             entry.pretrain(backbone, log)
             state = backbone.state_dict()
             tmp = weights.with_suffix(".tmp")
             torch.save(state, tmp)
-            weights.with_suffix(".sha256").write_text(file_digest(tmp, full=True))
+            digest = file_digest(tmp, full=True)
+            weights.with_suffix(".sha256").write_text(digest)
             os.replace(tmp, weights)  # atomic: readers never see a half-written file
     backbone.load_state_dict(state, strict=True)
-    return file_digest(weights)
+    return digest[:12]
 
 
 def create_backbone(name: str, log: Callable[[str], None] = print, **options) -> StagedBackbone:

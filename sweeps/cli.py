@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from sweeps.spec_files import redact_uri  # light: no torch, Ray or MLflow (fast --help)
+
 app = typer.Typer(help="Sweep probes on frozen backbones, explain them, score localisation, log to MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 DEBUG_ENV = "PROBESWEEP_DEBUG"  # "1": tracebacks for user errors too (as --debug)
@@ -24,12 +26,6 @@ TrackingUri = Annotated[
     Optional[str],
     typer.Option("--tracking-uri", help="MLflow store. Default: sqlite:///<current directory>/mlflow.db."),
 ]
-
-
-def redact_uri(uri: str) -> str:
-    from sweeps.spec_files import redact_uri as redact
-
-    return redact(uri)
 
 
 def _uri(tracking_uri: str | None) -> str:

@@ -6,6 +6,7 @@ reported at once with its YAML path, e.g. ``probe.head[1].depth: mlp heads need 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from pathlib import Path
@@ -101,7 +102,6 @@ class Strict(BaseModel):
 
 
 MULTILABEL_DATASETS = ("voc2007", "coco2014")  # multi-hot labels with boxes
-DEFAULT_SIZES = {"digits": 32, "imagefolder": 224, "voc2007": 224, "coco2014": 448}  # the data sets' own image side
 
 
 class DataSpec(Strict):
@@ -396,7 +396,8 @@ class SweepSpec(Strict):
 
     def warnings(self) -> list[str]:
         """What is valid but probably not meant (printed by ``validate`` and ``run``)."""
-        side = (self.data.size or DEFAULT_SIZES.get(self.data.dataset, 224)) * (
+        own_size = inspect.signature(DATASETS.get(self.data.dataset)).parameters["size"].default
+        side = (self.data.size or own_size) * (
             1 if self.data.multilabel else self.evaluate.grid
         )  # the maps' side: an image, or a grid of them
         kernel = max(s.kernel for s in REFERENCE_SMOOTHING.values())
