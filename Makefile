@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 # Keep large activations mapped between operations (REFERENCE.md: ~2x faster on this CPU).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest
+
+# the development loop: no Ray, no servers, no browser (tests marked slow are left out)
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts ray_results

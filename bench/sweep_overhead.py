@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,59 +52,20 @@ def bench_spec(trials: int, epochs: int) -> dict:
     }
 
 
-class SavedFiles:
-    """Stands in for the trial's MLflow run in the plain loop: what a trial logs (its figures as PNG
-    files, drawn and saved as MLflow's ``log_figure`` saves them, its probe and config) is written
-    to a folder, as a script of one's own keeps its results."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.saving = 0.0  # seconds spent writing the files
-
-    def _path(self, artifact_file: str) -> Path:
-        path = self.folder / artifact_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _write(self, write, *args) -> None:
-        start = time.perf_counter()
-        write(*args)
-        self.saving += time.perf_counter() - start
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        import matplotlib.pyplot as plt
-
-        self._write(figure.savefig, self._path(artifact_file))
-        plt.close(figure)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._write(self._path(artifact_file).write_text, text)
-
-    def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
-        self._write(shutil.copy, local_path, self._path(Path(local_path).name))
-
-
 def plain_loop(spec) -> tuple[float, float]:
-    """Every trial of ``spec``, trained, explained and saved in this process: (the seconds it took,
-    of which writing files)."""
-    from probing.model import ProbedModel
-    from sweeps.runner import trial_param_space
-    from sweeps.trainable import _evaluate, _log_probe, _trial_inputs
+    """Every trial of ``spec``, trained, explained and saved in this process by ``run_trial`` with a
+    folder as its tracker: (the seconds it took, of which writing files)."""
+    from sweeps.folder_tracker import FolderTracker
+    from sweeps.trial import run_trial
 
     torch.set_num_threads(int(spec.resources.cpu))
-    shared = trial_param_space(spec, runtime={})
     saving = 0.0
     with tempfile.TemporaryDirectory(prefix="plain-loop-") as folder:
         start = time.perf_counter()
         for index, trial in enumerate(spec.trials()):
-            config = {**shared, **trial, "train": {**shared["train"], **trial["train"]}}
-            backbone, val, loss, trainer = _trial_inputs(config)
-            while trainer.epoch < spec.train.epochs:
-                trainer.run_epoch()
-            files = SavedFiles(Path(folder) / f"trial_{index}")
-            _evaluate(ProbedModel(backbone, trainer.head.eval()), val, loss, config["evaluate"], files)
-            _log_probe(files, trainer, config)
-            saving += files.saving
+            files = FolderTracker(Path(folder) / f"trial_{index}")
+            run_trial(trial, files)
+            saving += files.seconds
         return time.perf_counter() - start, saving
 
 

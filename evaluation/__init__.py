@@ -1,0 +1,7 @@
+"""Explaining probed models and scoring the explanations.
+
+Importing the package registers every attribution method (:mod:`evaluation.attribution`) and
+every localisation metric (:mod:`evaluation.metrics`) beside its code.
+"""
+
+from evaluation import attribution, epg, grid_models, gridpg  # noqa: F401  (registration)

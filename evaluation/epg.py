@@ -14,6 +14,7 @@ import torch
 
 from evaluation.gridpg import explain_pairs, method_layer_pairs
 from evaluation.localization import energy_pointing_game
+from evaluation.metrics import localisation_metric
 from evaluation.smoothing import Smoothing
 
 __all__ = ["box_mask", "epg_rows", "evaluate_epg"]
@@ -49,11 +50,12 @@ def epg_rows(boxes: tuple[torch.Tensor, ...], n_images: int, seed: int = 0) -> l
     return rows
 
 
+@localisation_metric("epg", "boxes", "Energy Pointing Game: the share of positive attribution inside the class's boxes")
 def evaluate_epg(
     model,
     images,
     boxes: tuple[torch.Tensor, ...],
-    activation: Callable[[torch.Tensor], torch.Tensor],
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
     methods: list[str],
     layers: list[str],
     n_images: int = 64,
@@ -61,15 +63,17 @@ def evaluate_epg(
     rows_per_batch: int = 16,
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable | None = None,
+    method_options: dict[str, dict] | None = None,
 ) -> dict[str, float]:
     """Mean EPG of every (method, layer) pair over the (image, class) rows.
 
     Args:
         model: a ``ProbedModel`` in eval mode. images: the split's images in [0, 1] (a tensor or a
             lazy image list); boxes: the split's boxes (``probing.datasets.Split.boxes``).
-        activation: logits -> probabilities, for the methods that use them.
+        probabilities: logits -> probabilities, for the methods that use them.
         on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
             their scores and their images.
+        method_options: keyword arguments per method name (``{"intgrad": {"n_steps": 16}}``).
 
     Returns:
         ``epg/<method>/<layer>`` and ``epg/rows`` (the number of (image, class) rows scored).
@@ -93,7 +97,7 @@ def evaluate_epg(
             return model.forward_to(inputs, layer)[which]
 
         for method, layer, maps in explain_pairs(
-            model, inputs[which], targets, pairs, shared_activation, activation, smoothing
+            model, inputs[which], targets, pairs, shared_activation, probabilities, smoothing, method_options
         ):
             score = energy_pointing_game(maps, masks)
             scores[(method, layer)].append(score.cpu())

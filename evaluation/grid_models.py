@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DiFullModel", "DiPartModel", "GRID_SETTINGS", "check_setting", "crop_cells", "grid_model", "join_cells", "split_cells"]
+from evaluation.metrics import METRICS, grid_metrics, localisation_metric
+from probing.registry import unknown_name
 
-GRID_SETTINGS = ("gridpg", "difull", "dipart")
+__all__ = ["DiFullModel", "DiPartModel", "check_setting", "crop_cells", "grid_model", "join_cells", "split_cells"]
+
 
 
 def split_cells(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -72,6 +74,7 @@ class _GridModel(nn.Module):
         return self.forward_from(self.forward_to(x, "input"), "input")
 
 
+@localisation_metric("difull", "grids", "DiFull: each cell through backbone and head alone; attribution outside the target cell is provably wrong")
 class DiFullModel(_GridModel):
     """Each cell on its own through backbone and head; row b's logits are those of ``cells[b]``."""
 
@@ -84,6 +87,7 @@ class DiFullModel(_GridModel):
         return self.model.forward_from(crop_cells(activation, self.grid, cells), layer)
 
 
+@localisation_metric("dipart", "grids", "DiPart: the grid through the backbone, the final map cropped to the target cell before the head")
 class DiPartModel(_GridModel):
     """The whole grid through the backbone; the final map cropped to ``cells[b]`` before the head."""
 
@@ -97,14 +101,19 @@ class DiPartModel(_GridModel):
         return self.model.head(crop_cells(features, self.grid, cells))
 
 
+@localisation_metric("gridpg", "grids", "Grid Pointing Game: the share of positive attribution in the target cell of a grid")
+def plain_model(model: nn.Module, grid: int, cells: torch.Tensor) -> nn.Module:
+    """GridPG explains the model itself."""
+    return model
+
+
 def check_setting(setting: str) -> str:
-    if setting not in GRID_SETTINGS:
-        raise ValueError(f"unknown localisation setting {setting!r}: known are {', '.join(GRID_SETTINGS)}")
+    """``setting`` if it names a grid metric (gridpg, difull, dipart)."""
+    if setting not in grid_metrics():
+        raise ValueError(unknown_name("localisation setting", setting, grid_metrics()))
     return setting
 
 
 def grid_model(setting: str, model: nn.Module, grid: int, cells: torch.Tensor) -> nn.Module:
-    """The model to explain for a localisation setting: the plain model for GridPG."""
-    wrappers = {"gridpg": None, "difull": DiFullModel, "dipart": DiPartModel}
-    wrapper = wrappers[check_setting(setting)]
-    return model if wrapper is None else wrapper(model, grid, cells)
+    """The model to explain for a grid metric: the plain model for GridPG."""
+    return METRICS.get(check_setting(setting)).grid_model(model, grid, cells)

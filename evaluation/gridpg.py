@@ -16,7 +16,8 @@ from evaluation.attribution.folding import merged_batchnorm
 from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
-from evaluation.smoothing import Smoothing, smooth
+from evaluation.smoothing import NO_SMOOTHING, Smoothing, smooth
+from probing.registry import unknown_name
 
 __all__ = ["evaluate_gridpg", "explain_pairs", "explained_cells", "method_layer_pairs", "predict_probabilities"]
 
@@ -27,7 +28,7 @@ def explained_cells(setting: str, grid: int, di_cells: str = "corners") -> torch
     """The cells explained in each grid: every cell for GridPG; for DiFull and DiPart the top-left
     and bottom-right ones, as Rao et al.'s code (``eval_only_corners``), or all with ``di_cells="all"``."""
     if di_cells not in DI_CELLS:
-        raise ValueError(f"unknown di_cells {di_cells!r}: known are {', '.join(DI_CELLS)}")
+        raise ValueError(unknown_name("di_cells", di_cells, DI_CELLS))
     if setting == "gridpg" or di_cells == "all":
         return torch.arange(grid * grid)
     return torch.tensor([0, grid * grid - 1])
@@ -46,27 +47,30 @@ def explain_pairs(
     shared_activation: Callable[[str], torch.Tensor],
     probabilities: Callable[[torch.Tensor], torch.Tensor],
     smoothing: dict[str, Smoothing],
+    method_options: dict[str, dict] | None = None,
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield ``(method, layer, smoothed maps)`` for every pair, layer by layer: one forward to each
-    layer (``shared_activation(layer)``, the activation of ``inputs`` there) serves every method."""
+    layer (``shared_activation(layer)``, the activation of ``inputs`` there) serves every method.
+    ``method_options`` holds keyword arguments per method name (``{"intgrad": {"n_steps": 16}}``)."""
     for layer in dict.fromkeys(layer for _, layer in pairs):
         with torch.no_grad():
             shared = shared_activation(layer)
         for method in (m for m, l in pairs if l == layer):
             attribution = create_method(method)
             options = {"probabilities": probabilities} if attribution.uses_probabilities else {}
+            options |= (method_options or {}).get(method, {})
             maps = attribution(model, inputs, targets, layer=layer, activation=shared, **options)
-            yield method, layer, smooth(maps, smoothing.get(method, Smoothing()))
+            yield method, layer, smooth(maps, smoothing.get(method, NO_SMOOTHING))
 
 
 @torch.no_grad()
 def predict_probabilities(
-    model, images: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256
+    model, images: torch.Tensor, probabilities: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256
 ) -> torch.Tensor:
     """Images in [0, 1] (N, C, H, W) -> (N, K) probabilities on the CPU."""
     device = next(model.parameters()).device
     out = [
-        activation(model(model.preprocess(images[i : i + batch_size].to(device)))).cpu()
+        probabilities(model(model.preprocess(images[i : i + batch_size].to(device)))).cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out)
@@ -76,7 +80,7 @@ def evaluate_gridpg(
     model,
     images: torch.Tensor,
     labels: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor],
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
     methods: list[str],
     layers: list[str],
     grid: int = 2,
@@ -84,24 +88,26 @@ def evaluate_gridpg(
     confidence: float = 0.95,
     seed: int = 0,
     grids_per_batch: int = 8,
-    settings: tuple[str, ...] = ("gridpg",),
+    metrics: tuple[str, ...] = ("gridpg",),
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable[..., None] | None = None,
     di_cells: str = "corners",
+    method_options: dict[str, dict] | None = None,
 ) -> dict[str, float]:
     """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
     Args:
         model: a ``ProbedModel`` in eval mode.
         images (Tensor): (N, C, H, W) validation images in [0, 1]; labels (N,).
-        activation: logits -> probabilities (sigmoid for BCE probes, softmax for CE probes),
-            used for the confidence filter.
+        probabilities: logits -> probabilities (sigmoid for BCE probes, softmax for CE probes),
+            used for the confidence filter and by the methods that use them.
         methods, layers: names from the attribution registry and the ML-Att layers; pairs where
             a method is undefined (Grad-CAM at the input) are skipped.
         grid (int): n for n x n grids. n_grids (int): grids requested.
         confidence (float): minimum probability of the correct top-1 class.
-        settings: any of ``gridpg``, ``difull``, ``dipart``.
+        metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``).
         smoothing: per method name, applied to the maps before scoring. Default: none.
+        method_options: keyword arguments per method name (``{"lime": {"num_samples": 100}}``).
         di_cells: ``corners`` (DiFull and DiPart explain the top-left and bottom-right cells, as
             Rao et al.) or ``all``. GridPG explains every cell.
         on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
@@ -112,22 +118,22 @@ def evaluate_gridpg(
         ``<setting>/<method>/<layer>``: mean score over the explained cells of all grids (absent when no
         grid could be built), ``grids/count`` and ``grids/confident_images``.
     """
-    # settings checked before any work
-    explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in settings}
+    # metrics checked before any work
+    explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in metrics}
     smoothing = smoothing or {}
-    confident = confident_mask(predict_probabilities(model, images, activation), labels, confidence)
+    confident = confident_mask(predict_probabilities(model, images, probabilities), labels, confidence)
     grids = build_grids(images, labels, confident, grid, n_grids, seed)
-    metrics = {"grids/count": float(len(grids)), "grids/confident_images": float(grids.n_confident)}
+    scores_out = {"grids/count": float(len(grids)), "grids/confident_images": float(grids.n_confident)}
     if not len(grids):
-        return metrics
+        return scores_out
     device = next(model.parameters()).device
     pairs = method_layer_pairs(methods, layers)
-    keys = [(setting, method, layer) for setting in settings for method, layer in pairs]
+    keys = [(setting, method, layer) for setting in metrics for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
     for start in range(0, len(grids), grids_per_batch):
         grid_images = grids.images[start : start + grids_per_batch].to(device)
         grid_inputs = model.preprocess(grid_images)
-        for setting in settings:
+        for setting in metrics:
             chosen = explained[setting].to(device)  # the cells explained in each grid
             per_grid = len(chosen)
             inputs = grid_inputs.repeat_interleave(per_grid, dim=0)  # one row per target
@@ -141,12 +147,12 @@ def evaluate_gridpg(
                     return first_rows.forward_to(grid_inputs, layer).repeat_interleave(per_grid, dim=0)
 
             for method, layer, maps in explain_pairs(
-                setting_model, inputs, targets, pairs, shared_activation, activation, smoothing
+                setting_model, inputs, targets, pairs, shared_activation, probabilities, smoothing, method_options
             ):
                 score = grid_pointing_game(maps, grid, cell_index)
                 scores[(setting, method, layer)].append(score.cpu())
                 if on_maps is not None:
                     on_maps((setting, method, layer), maps.detach(), cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
-        metrics[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
-    return metrics
+        scores_out[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
+    return scores_out

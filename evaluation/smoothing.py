@@ -8,30 +8,50 @@ reflection, as torchvision's ``GaussianBlur`` that How to Probe uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["Smoothing", "REFERENCE_SMOOTHING", "gaussian_kernel", "smooth"]
+from probing.registry import unknown_name
+
+__all__ = ["NO_SMOOTHING", "SMOOTHING_KINDS", "Smoothing", "REFERENCE_SMOOTHING", "gaussian_kernel", "smooth"]
 
 
-@dataclass(frozen=True)
-class Smoothing:
-    """``kind``: ``none``, ``avgpool`` (``kernel``) or ``gaussian`` (``kernel``, ``sigma``)."""
+SMOOTHING_KINDS = ("none", "avgpool", "gaussian")
 
-    kind: str = "none"
-    kernel: int = 5
-    sigma: float | None = None  # gaussian; default kernel / 4
 
-    def __post_init__(self):
-        if self.kind not in ("none", "avgpool", "gaussian"):
-            raise ValueError(f"unknown smoothing {self.kind!r}: known are none, avgpool, gaussian")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"smoothing kernel must be an odd number >= 1, got {self.kernel}")
-        if self.sigma is not None and self.sigma <= 0:
-            raise ValueError(f"smoothing sigma must be > 0, got {self.sigma}")
+class Smoothing(BaseModel):
+    """``kind``: ``none``, ``avgpool`` (``kernel``) or ``gaussian`` (``kernel``, ``sigma``; default
+    sigma kernel / 4). The one definition of a smoothing, from the sweep spec's
+    ``evaluate.smoothing`` to :func:`smooth`; ``Smoothing("avgpool", 5)`` reads as it does in papers."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    kind: str
+    kernel: Annotated[int, Field(ge=1)] = 5
+    sigma: Annotated[float, Field(gt=0)] | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(**dict(zip(("kind", "kernel", "sigma"), args)), **kwargs)
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SMOOTHING_KINDS:
+            raise ValueError(unknown_name("smoothing", v, SMOOTHING_KINDS))
+        return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"must be odd, got {v}")
+        return v
+
+
+NO_SMOOTHING = Smoothing("none")
 
 # Rao et al.: a 129 px Gaussian (sigma 129/4) for IxG and IntGrad, 5x5 average pooling otherwise.
 REFERENCE_SMOOTHING = {

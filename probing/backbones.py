@@ -10,6 +10,8 @@ architecture in :class:`BackboneConfig`.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from probing.registry import Registry
+from probing.registry import Registry, unknown_name
 
 __all__ = [
     "BACKBONES",
@@ -28,6 +30,8 @@ __all__ = [
     "cache_dir",
     "create_backbone",
     "list_backbones",
+    "pretrained_weights_file",
+    "pretraining_key",
 ]
 
 LAYERS = ("input", "middle", "final")
@@ -83,7 +87,7 @@ class StagedBackbone(nn.Module):
 
     def _stage_index(self, layer: str) -> int:
         if layer not in self.config.layer_stages:
-            raise ValueError(f"unknown layer {layer!r}: known are {', '.join(self.config.layer_stages)}")
+            raise ValueError(unknown_name("layer", layer, self.config.layer_stages))
         return self.config.layer_stages[layer]
 
     def forward_to(self, x: torch.Tensor, layer: str) -> torch.Tensor:
@@ -148,20 +152,56 @@ def _verified_state(weights: Path, digest: str, log) -> dict | None:
         return None
 
 
+def pretraining_key(name: str) -> str:
+    """12 hex digits of SHA-256 over what decides an embedded backbone's pre-trained weights: its
+    name, its recipe (``pretrain.recipe``: scheme, epochs, data, seed), the source of the modules
+    that build and pre-train it (this one, and ``pretrain.code``, the modules it calls) and torch's
+    version. A change to any of them names a new cache file, so the backbone is pre-trained again."""
+    entry = BACKBONES.get(name)
+    modules = {inspect.getmodule(entry.build), inspect.getmodule(entry.pretrain), inspect.getmodule(_pretrained_state)}
+    modules |= {importlib.import_module(m) for m in getattr(entry.pretrain, "code", ())}
+    digest = hashlib.sha256(f"{name}\n{getattr(entry.pretrain, 'recipe', None)!r}\n{torch.__version__}".encode())
+    for source in sorted(inspect.getsource(m) for m in modules if m is not None):
+        digest.update(source.encode())
+    return digest.hexdigest()[:12]
+
+
+def pretrained_weights_file(name: str) -> Path:
+    """Where the embedded backbone ``name``'s pre-trained weights are cached (keyed by :func:`pretraining_key`)."""
+    return cache_dir() / "backbones" / f"{name}-{pretraining_key(name)}.pt"
+
+
+PRETRAINING_THREADS = 1  # a fixed count: float sums split over threads round differently, and so would the weights
+
+
+def _pretrained_state(entry: BackboneEntry, log) -> dict:
+    """Pre-train a fresh network the same way whatever ran before: its initial weights drawn from
+    seed 0 and one thread, with the caller's RNG state and thread count put back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            torch.set_num_threads(PRETRAINING_THREADS)
+            backbone = entry.build()
+            entry.pretrain(backbone, log)
+            return backbone.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _cached_pretrained(name: str, entry: BackboneEntry, backbone: StagedBackbone, log) -> str:
     """Load an embedded backbone's weights, pre-training and caching them first if needed (or if
     the cached file fails its checksum)."""
     from filelock import FileLock
 
-    weights = cache_dir() / "backbones" / f"{name}.pt"
+    weights = pretrained_weights_file(name)
     weights.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(weights) + ".lock"):
         digest = file_digest(weights, full=True) if weights.exists() else ""  # the file is read once
         state = _verified_state(weights, digest, log) if digest else None
         if state is None:
             log(f"pre-training backbone {name} (first use; cached at {weights})")
-            entry.pretrain(backbone, log)
-            state = backbone.state_dict()
+            state = _pretrained_state(entry, log)
             tmp = weights.with_suffix(".tmp")
             torch.save(state, tmp)
             digest = file_digest(tmp, full=True)
@@ -196,7 +236,3 @@ def create_backbone(name: str, log: Callable[[str], None] = print, **options) ->
 def list_backbones(pattern: str = "*") -> list[str]:
     return BACKBONES.names(pattern)
 
-
-# the registered backbones; imported last because they build on the classes above
-import probing.embedded_backbones  # noqa: E402, F401
-import probing.zoo  # noqa: E402, F401

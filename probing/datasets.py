@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from probing.registry import Registry
+from probing.registry import Registry, unknown_name
 
 __all__ = ["Split", "ShiftedImages", "DATASETS", "SPLITS", "create_dataset", "list_datasets"]
 
@@ -143,13 +143,10 @@ def digits(split: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0)
 def create_dataset(name: str, split: str, **options) -> Split:
     """Load ``split`` ("train" or "val") of the registered data set ``name`` with its ``options``."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: known are {', '.join(SPLITS)}")
+        raise ValueError(unknown_name("split", split, SPLITS))
     return DATASETS.get(name)(split, **options)
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
 
-
-# the data sets on disk register themselves; imported last because they build on Split
-import probing.image_data  # noqa: E402, F401

@@ -87,8 +87,12 @@ def _pretrain(kind: str, epochs: int) -> Callable[[StagedBackbone, Callable[[str
     def pretrain(backbone: StagedBackbone, log: Callable[[str], None]) -> None:
         from probing import pretrain as schemes
 
-        getattr(schemes, f"pretrain_{kind}")(backbone, dataset="digits", epochs=epochs, seed=0, log=log)
+        recipe = dict(pretrain.recipe)
+        getattr(schemes, f"pretrain_{recipe.pop('scheme')}")(backbone, **recipe, log=log)
 
+    # what decides the weights, besides this module's code: keys the cache (probing.backbones.pretraining_key)
+    pretrain.recipe = {"scheme": kind, "dataset": "digits", "epochs": epochs, "seed": 0}
+    pretrain.code = ("probing.pretrain", "probing.datasets")
     return pretrain
 
 

@@ -11,6 +11,7 @@ B-cos layers and uncentred norms come from the ``bcos`` package (Böhle et al.).
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from typing import Iterator, Literal
@@ -18,14 +19,16 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from probing.registry import Registry
+from probing.registry import Registry, unknown_name
 
 __all__ = [
     "HEADS",
     "HEAD_INPUTS",
+    "MIN_DEPTH",
     "Head",
     "Pointwise",
     "create_head",
+    "head_options",
     "list_heads",
     "default_logit_bias",
     "explanation_mode",
@@ -33,6 +36,8 @@ __all__ = [
 
 HEADS: Registry = Registry("head")
 HEAD_INPUTS = ("spatial", "pooled")
+# the fewest layers each head type can have (an MLP needs a hidden layer; a B-cos head of depth 1 is linear in form)
+MIN_DEPTH = {"mlp": 2, "bcos": 1}
 
 
 class Pointwise(nn.Conv2d):
@@ -56,7 +61,7 @@ class Head(nn.Module):
     def __init__(self, body: nn.Module, logit_bias: float = 0.0, input: Literal["spatial", "pooled"] = "spatial"):
         super().__init__()
         if input not in HEAD_INPUTS:
-            raise ValueError(f"unknown head input {input!r}: known are {', '.join(HEAD_INPUTS)}")
+            raise ValueError(unknown_name("head input", input, HEAD_INPUTS))
         self.body = body
         self.pool = nn.AdaptiveAvgPool2d(1)
         # float64: exact in a float64 model, and a 0-dim tensor leaves float32 logits float32
@@ -110,8 +115,8 @@ def mlp(
     input: str = "spatial",
 ) -> Head:
     """Conventional MLP of ``depth`` layers: ``fc -> BN -> [ReLU -> fc -> BN] x (depth-2) -> ReLU -> fc``."""
-    if depth < 2:
-        raise ValueError(f"mlp head depth must be >= 2, got {depth}")
+    if depth < MIN_DEPTH["mlp"]:
+        raise ValueError(f"mlp head depth must be >= {MIN_DEPTH['mlp']}, got {depth}")
     layers: list[nn.Module] = [_conv1x1(in_channels, width), nn.BatchNorm2d(width)]
     for _ in range(depth - 2):
         layers += [nn.ReLU(), _conv1x1(width, width), nn.BatchNorm2d(width)]
@@ -125,28 +130,28 @@ def bcos_mlp(
     num_classes: int,
     depth: int = 2,
     width: int = 2048,
-    b: float = 2.0,
+    bcos_b: float = 2.0,
     max_out: int = 1,
     logit_bias: float = 0.0,
     input: str = "spatial",
 ) -> Head:
     """B-cos MLP: ``[BcosConv 1x1 -> uncentred BN without bias] x (depth-1) -> BcosConv 1x1``.
 
-    No activation: the B-cos layer (exponent ``b``, ``max_out`` MaxOut units) is the
+    No activation: the B-cos layer (exponent ``bcos_b``, ``max_out`` MaxOut units) is the
     non-linearity, so with the dynamic scaling detached (:func:`explanation_mode`) the head is
     dynamic linear and ``features * d logit / d features`` sums to the logit minus its bias.
     """
     from bcos.modules import BcosConv2d, BatchNormUncentered2d
     from bcos.modules.norms import NoBias
 
-    if depth < 1:
-        raise ValueError(f"bcos head depth must be >= 1, got {depth}")
-    if b < 1:
-        raise ValueError(f"bcos head exponent b must be >= 1, got {b}")
+    if depth < MIN_DEPTH["bcos"]:
+        raise ValueError(f"bcos head depth must be >= {MIN_DEPTH['bcos']}, got {depth}")
+    if bcos_b < 1:
+        raise ValueError(f"bcos head exponent bcos_b must be >= 1, got {bcos_b}")
     widths = [in_channels] + [width] * (depth - 1) + [num_classes]
     layers: list[nn.Module] = []
     for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
-        layers.append(BcosConv2d(cin, cout, kernel_size=1, b=b, max_out=max_out))
+        layers.append(BcosConv2d(cin, cout, kernel_size=1, b=bcos_b, max_out=max_out))
         if i < depth - 1:
             layers.append(NoBias(BatchNormUncentered2d)(cout))
     return Head(nn.Sequential(*layers), logit_bias, input)
@@ -170,8 +175,15 @@ def explanation_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **kwargs) -> Head:
-    """Build the registered head ``name``; ``kwargs`` are its options (depth, width, b, input, logit_bias)."""
+    """Build the registered head ``name``; ``kwargs`` are its options (:func:`head_options`) and ``logit_bias``."""
     return HEADS.get(name)(in_channels, num_classes, **kwargs)
+
+
+def head_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options the head ``name`` takes, read from its builder's signature: what a sweep spec may
+    set under ``probe.head`` besides ``type`` (``depth``, ``width``, ``bcos_b``, ``max_out``, ``input``)."""
+    parameters = inspect.signature(HEADS.get(name)).parameters
+    return {k: p for k, p in parameters.items() if k not in ("in_channels", "num_classes", "logit_bias")}
 
 
 def list_heads(pattern: str = "*") -> list[str]:

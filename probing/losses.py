@@ -29,6 +29,7 @@ class Loss:
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     probabilities: Callable[[torch.Tensor], torch.Tensor]
     multilabel: bool = False
+    description: str = ""
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.fn(logits, labels)
@@ -49,15 +50,19 @@ def _bce_uniform_off_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return F.binary_cross_entropy_with_logits(logits, targets)  # mean over batch and classes
 
 
-LOSSES.register("ce")(Loss("ce", F.cross_entropy, lambda z: z.softmax(dim=1)))
-LOSSES.register("bce")(Loss("bce", _bce_uniform_off_labels, torch.sigmoid))
+LOSSES.register("ce")(Loss("ce", F.cross_entropy, lambda z: z.softmax(dim=1), description="softmax cross-entropy (single-label)"))
+LOSSES.register("bce")(
+    Loss("bce", _bce_uniform_off_labels, torch.sigmoid, description="binary cross-entropy, off-label targets 1/C (single-label; How to Probe)")
+)
 # multi-label data (VOC, COCO): plain BCE on multi-hot targets; the uniform off-labels variant
 # (non-targets 1/C) is what the How to Probe code trains B-cos heads with (see probe_loss)
 LOSSES.register("bce_multilabel")(
-    Loss("bce_multilabel", lambda z, t: F.binary_cross_entropy_with_logits(z, t.float()), torch.sigmoid, True)
+    Loss("bce_multilabel", lambda z, t: F.binary_cross_entropy_with_logits(z, t.float()), torch.sigmoid, True,
+         "binary cross-entropy on multi-hot labels (VOC, COCO)")
 )
 LOSSES.register("bce_multilabel_uniform")(
-    Loss("bce_multilabel_uniform", _bce_uniform_off_labels, torch.sigmoid, True)
+    Loss("bce_multilabel_uniform", _bce_uniform_off_labels, torch.sigmoid, True,
+         "binary cross-entropy on multi-hot labels, off-label targets 1/C (B-cos heads)")
 )
 
 #: the loss a head type actually trains with, where the reference differs by head

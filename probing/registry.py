@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "unknown_name"]
+
+
+def unknown_name(family: str, name: object, known) -> str:
+    """``unknown <family> <name>: known are ...; did you mean ...?``: the one message for a name that
+    is not among ``known`` (registries, layers, splits, options)."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {family} {name!r}: known are {', '.join(known)}{hint}"
 
 
 class Registry(Generic[T]):
@@ -50,13 +60,21 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: object) -> str:
         """The error text for an unknown ``name``, shared with the spec validator."""
-        close = difflib.get_close_matches(str(name), self._entries, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.family} {name!r}: known are {', '.join(sorted(self._entries))}{hint}"
+        return unknown_name(self.family, name, sorted(self._entries))
+
+    def description(self, name: str) -> str:
+        """One line on the entry ``name``: its ``description``, or its docstring's first line."""
+        entry = self.get(name)
+        text = getattr(entry, "description", None) or inspect.getdoc(entry) or ""
+        return text.strip().split("\n")[0].replace("``", "")
 
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching a shell-style ``pattern``."""
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs, sorted by name (``probesweep list`` prints their descriptions)."""
+        return sorted(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

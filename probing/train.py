@@ -10,24 +10,24 @@ epoch and resume with the same result as an uninterrupted run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from probing.losses import Loss
+from probing.settings import Strict, at_most
 
-__all__ = ["TrainConfig", "ProbeTrainer", "DivergedError", "batch_bounds", "correct_predictions"]
+__all__ = ["Schedule", "TrainConfig", "ProbeTrainer", "DivergedError", "batch_bounds", "correct_predictions"]
 
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Probe training settings (How to Probe trains ImageNet probes with Adam, lr 1e-3, batch 256).
+class Schedule(Strict):
+    """Optimiser and schedule settings (shared by a sweep's ``train`` and its recipes' ``train``).
 
     Attributes:
         optimizer: ``adam`` (cosine schedule) or ``sgd`` (step schedule, momentum ``momentum``).
@@ -36,18 +36,22 @@ class TrainConfig:
         step_every: sgd: drop x0.1 every this many epochs instead (StepLR), counted after warm-up.
     """
 
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0
-    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1), at_most(65536, "one batch must fit in memory")] = 256
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    warmup_start: Annotated[float, Field(gt=0, le=1)] = 0.01  # the warm-up's first lr, as a factor of lr
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.9
-    warmup_start: float = 0.01
-    milestones: tuple[int, ...] | None = None
-    step_every: int | None = None
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd
+    milestones: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] | None = None
+    step_every: Annotated[int, Field(ge=1)] | None = None
 
+
+class TrainConfig(Schedule):
+    """Probe training settings (How to Probe trains ImageNet probes with Adam, lr 1e-3, batch 256):
+    the one definition, from the sweep spec's ``train`` to :class:`ProbeTrainer`."""
+
+    epochs: Annotated[int, Field(ge=1), at_most(10_000, "the papers train 50-100; more would take days per trial")] = 10
+    lr: Annotated[float, Field(gt=0, le=1000)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, end) of each batch of an epoch of ``n`` samples. A last batch of a single sample is
@@ -79,6 +83,7 @@ class ProbeTrainer:
         config (TrainConfig): settings.
         embed (callable): optional, a batch of train inputs -> features (e.g. augment, then
             the frozen backbone: the slow path that does not use the feature cache).
+        seed (int): seeds the order of the train samples in each epoch.
     """
 
     def __init__(
@@ -89,13 +94,14 @@ class ProbeTrainer:
         val,
         config: TrainConfig,
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
     ):
         self.head, self.loss, self.config, self.embed = head, loss, config, embed
         self.train_features, self.train_labels = train
         self.val_features, self.val_labels = val
         self.device = next(head.parameters()).device
         self.epoch = 0
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batch_bounds(len(self.train_labels), config.batch_size))
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
+from probing.registry import unknown_name
 
 __all__ = ["CHECKPOINT_FORMATS", "WEIGHTS_TAG", "load_checkpoint", "remap_checkpoint", "staged_backbone"]
 
@@ -56,11 +57,11 @@ def _unwrap(obj, *keys: str) -> dict:
 def remap_checkpoint(obj: dict, checkpoint_format: str) -> dict:
     """A loaded checkpoint in ``checkpoint_format`` -> a torchvision-style state dict."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}: known are {', '.join(CHECKPOINT_FORMATS)}")
+        raise ValueError(unknown_name("checkpoint_format", checkpoint_format, CHECKPOINT_FORMATS))
     if checkpoint_format == "mocov2":
         state = _strip(_unwrap(obj, "state_dict"), "module.encoder_q.")
         if not state:
-            raise KeyError("no 'module.encoder_q.' weights: not a MoCo v2 checkpoint")
+            raise ValueError("no 'module.encoder_q.' weights: not a MoCo v2 checkpoint")
         return state
     state = _unwrap(obj, "teacher", "state_dict", "model") if checkpoint_format == "dino" else _unwrap(obj, "state_dict", "model")
     state = _strip(state, "module.") or state

@@ -215,16 +215,21 @@ def ui(
 
 @app.command("list")
 def list_registered() -> None:
-    """List what the registries hold: data sets, backbones, heads, losses, attribution methods."""
+    """List what the registries hold, with their descriptions: data sets, backbones, heads, losses,
+    attribution methods and localisation metrics."""
     from evaluation.attribution import METHODS
+    from evaluation.metrics import METRICS
     from probing.backbones import BACKBONES
     from probing.datasets import DATASETS
     from probing.heads import HEADS
     from probing.losses import LOSSES
 
-    for registry in (DATASETS, BACKBONES, HEADS, LOSSES, METHODS):
+    for registry in (DATASETS, BACKBONES, HEADS, LOSSES, METHODS, METRICS):
         plural = registry.family + ("es" if registry.family.endswith("s") else "s")
-        typer.echo(f"{plural}: {', '.join(registry.names())}")
+        typer.echo(f"{plural}:")
+        width = max(map(len, registry.names()))
+        for name in registry.names():
+            typer.echo(f"  {name:<{width}}  {registry.description(name)}")
 
 
 def run_cli(argv: list[str] | None = None) -> int | str:

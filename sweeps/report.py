@@ -10,8 +10,8 @@ from typing import Sequence
 
 from mlflow import MlflowClient
 
-from evaluation.grid_models import GRID_SETTINGS
-from sweeps.spec import head_label
+from evaluation.metrics import METRICS
+from sweeps.settings import head_label
 
 __all__ = [
     "front_rows", "is_localisation_score", "log_sweep_summary", "pareto_front", "pareto_figure", "render_table", "sort_rows", "summary_csv", "trial_rows",
@@ -19,8 +19,8 @@ __all__ = [
 
 
 def is_localisation_score(metric: str) -> bool:
-    """``<setting>/<method>/<layer>`` for a grid setting (gridpg, difull, dipart) or EPG."""
-    return metric.split("/", 1)[0] in (*GRID_SETTINGS, "epg") and metric.count("/") == 2
+    """``<metric>/<method>/<layer>`` for a registered localisation metric (gridpg, difull, dipart, epg)."""
+    return metric.split("/", 1)[0] in METRICS and metric.count("/") == 2
 
 
 FIXED = ("trial", "backbone", "loss", "head", "status", "val/accuracy", "grids")

@@ -29,7 +29,8 @@ from sweeps.preflight import (
     check_tracking_store,
     private_auth_token,
 )
-from sweeps.spec import SweepSpec, head_label
+from sweeps.settings import head_label
+from sweeps.spec import SweepSpec
 # not sweeps.tracking: MLflow loads while Ray starts
 from sweeps.spec_files import SECRET_URI_ENV, check_name, default_tracking_uri, redact_uri, secret_uri
 
@@ -68,19 +69,12 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
                 cached_features(backbone, split, dataset, name, log=log, dtype=dtype)
 
 
-def trial_param_space(spec: SweepSpec, runtime: dict) -> dict:
-    """What every trial's config shares; the searcher (``sweeps.search``) adds what varies:
-    backbone, loss, head, seed and ``train.{lr, weight_decay}``."""
+def trial_param_space(runtime: dict) -> dict:
+    """What every trial's config shares: where to log (the searcher, ``sweeps.search``, hands each
+    trial its whole :class:`sweeps.trial.TrialConfig`)."""
     from sweeps.trainable import RUNTIME_KEY
 
-    train = spec.train.model_dump(exclude={"seed", "lr", "weight_decay"})
-    return {
-        "logit_bias": spec.probe.logit_bias,
-        "data": spec.data.model_dump(),
-        "train": train,
-        "evaluate": spec.evaluate.model_dump(),
-        RUNTIME_KEY: runtime,
-    }
+    return {RUNTIME_KEY: runtime}
 
 
 def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], None]):
@@ -267,7 +261,7 @@ def run_sweep(
         }
         return tune.Tuner(
             _trainable(spec),
-            param_space=trial_param_space(spec, runtime),
+            param_space=trial_param_space(runtime),
             tune_config=tune_config(spec, storage / name, name),
             run_config=tune.RunConfig(
                 name=name,

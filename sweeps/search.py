@@ -1,9 +1,10 @@
 """How Ray Tune chooses a sweep's trials: a fixed list (grid and random search), Optuna's TPE over
 one or several objectives, and ASHA early stopping.
 
-Every trial's config is the constant part of the spec (``param_space``) deep-merged with what
-varies: ``backbone``, ``loss``, ``head``, ``seed`` and ``train.{lr, weight_decay}``. Optuna's own
-choices are kept under ``search`` in the config, so that its study and the trial agree.
+Every trial's config is a whole :class:`sweeps.trial.TrialConfig` (dumped: Ray passes plain
+dicts), made by ``SweepSpec.trial`` from the values the searcher chose of the spec's axes
+(``backbone``, ``loss``, ``head``, ``seed``, ``train.{lr, weight_decay}``); ``param_space`` adds
+only where to log. Optuna's own choices are named ``search/...`` in its study.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.space import Range
-from sweeps.spec import INTEGER_HEAD_OPTIONS, SweepSpec, head_label
+from sweeps.settings import head_label, integer_option
+from sweeps.spec import SweepSpec
+from sweeps.trial import TrialConfig
 
 __all__ = ["TrialList", "ObjectivesSearch", "OptunaSpace", "tune_config"]
 
@@ -29,9 +32,9 @@ class TrialList(Searcher):
     """Hands out a fixed list of trial settings in order (grid and random search); its position is
     saved with the experiment, so a resumed sweep creates no trial twice."""
 
-    def __init__(self, trials: list[dict[str, Any]]):
+    def __init__(self, trials: list[TrialConfig]):
         super().__init__()
-        self.trials, self.position = trials, 0
+        self.trials, self.position = [t.model_dump() for t in trials], 0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self.position >= len(self.trials):
@@ -75,9 +78,9 @@ def _suggest(trial, name: str, value: Any, integer: bool = False) -> Any:
     return value
 
 
-def _labels(items: list[dict[str, Any]], label) -> dict[str, dict[str, Any]]:
+def _labels(items: list, label) -> dict[str, Any]:
     """Distinct names for categorical choices (Optuna's choices must be plain values)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
     for i, item in enumerate(items):
         name = label(item)
         out[name if name not in out else f"{name}#{i}"] = item
@@ -91,31 +94,26 @@ class OptunaSpace:
 
     def __init__(self, spec: SweepSpec):
         self.spec = spec
-        self.backbones = _labels([b.model_dump(exclude_none=True) for b in spec.backbones], lambda b: b["name"])
-        self.heads = _labels(
-            [dict(h) for h in spec.probe.head], lambda h: head_label({k: v for k, v in h.items() if not isinstance(v, Range)})
-        )
+        self.backbones = _labels(spec.backbones, lambda b: b.name)
+        self.heads = _labels(spec.probe.head, lambda h: head_label({k: v for k, v in h if not isinstance(v, Range)}))
 
     def __call__(self, trial) -> dict[str, Any]:
         spec = self.spec
         backbone = _suggest(trial, "search/backbone", list(self.backbones))
         head_name = _suggest(trial, "search/head", list(self.heads))
-        head = {
-            k: _suggest(trial, f"search/{head_name}.{k}", v, integer=k in INTEGER_HEAD_OPTIONS)
-            for k, v in self.heads[head_name].items()
-            if v is not None
+        head_spec = self.heads[head_name]
+        head = {"type": head_spec.type} | {
+            k: _suggest(trial, f"search/{head_name}.{k}", v, integer=integer_option(head_spec.type, k))
+            for k, v in head_spec.options().items()
         }
-        return {
-            "backbone": self.backbones[backbone],
-            "loss": _suggest(trial, "search/loss", spec.probe.loss),
-            "head": head,
-            "seed": _suggest(trial, "search/seed", spec.train.seed),
-            "train": {
-                "lr": _suggest(trial, "search/lr", spec.train.lr),
-                "weight_decay": _suggest(trial, "search/weight_decay", spec.train.weight_decay),
-            }
-            | spec.recipe_overrides(head["type"], self.backbones[backbone]["name"]),
-        }
+        return spec.trial(
+            self.backbones[backbone],
+            _suggest(trial, "search/loss", spec.probe.loss),
+            head,
+            _suggest(trial, "search/seed", spec.train.seed),
+            _suggest(trial, "search/lr", spec.train.lr),
+            _suggest(trial, "search/weight_decay", spec.train.weight_decay),
+        ).model_dump()
 
 
 def tune_config(spec: SweepSpec, folder: Path, name: str):

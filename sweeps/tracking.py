@@ -12,7 +12,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -27,7 +26,6 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "find_sweep_run",
-    "flatten",
     "start_sweep_run",
     "ui_command",
     "runs_table_url",
@@ -121,18 +119,6 @@ def find_sweep_run(uri: str, sweep: str):
         experiments, filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'", order_by=["attributes.start_time DESC"]
     )
     return runs[0] if runs else None
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> ``{"head.depth": "2", ...}`` for MLflow params."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)
-    return out
 
 
 def _timed(method):

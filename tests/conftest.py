@@ -27,8 +27,32 @@ os.environ.update(
 )
 tempfile.tempdir = None  # re-read TMPDIR
 
+# The embedded backbones, pre-trained once per machine for tests (minutes of a session otherwise):
+# their cache files are named by probing.backbones.pretraining_key (a hash of the recipe and the
+# code), so a change to either pre-trains again. Copied in at the start, new ones kept at the end.
+BACKBONE_STORE = Path(__file__).resolve().parents[1] / ".test-cache" / "backbones"
+_SESSION_BACKBONES = _ROOT / "cache" / "backbones"
+
+
+def _copy_backbones(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for weights in source.glob("*.pt"):
+        checksum = weights.with_suffix(".sha256")
+        if checksum.is_file() and not (target / weights.name).exists():
+            for part in (checksum, weights):  # the weights last: a file without its checksum is never read
+                shutil.copyfile(part, target / (part.name + ".tmp"))
+                os.replace(target / (part.name + ".tmp"), target / part.name)
+
+
+def pytest_configure(config):
+    _copy_backbones(BACKBONE_STORE, _SESSION_BACKBONES)
+
 
 def pytest_unconfigure(config):
+    try:
+        _copy_backbones(_SESSION_BACKBONES, BACKBONE_STORE)
+    except OSError:  # a read-only checkout: the next session pre-trains again
+        pass
     shutil.rmtree(_ROOT, ignore_errors=True)
 
 

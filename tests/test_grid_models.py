@@ -102,7 +102,7 @@ def test_evaluation_on_all_three_settings(trained_probe):
     model, val = trained_probe
     metrics = evaluate_gridpg(
         model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=["ixg", "gradcam"],
-        layers=["input", "final"], n_grids=4, confidence=0.5, settings=("gridpg", "difull", "dipart"),
+        layers=["input", "final"], n_grids=4, confidence=0.5, metrics=("gridpg", "difull", "dipart"),
     )
     assert metrics["grids/count"] == 4
     assert metrics["difull/ixg/input"] == pytest.approx(1.0)  # provably local: a correct method scores 1
@@ -112,8 +112,8 @@ def test_evaluation_on_all_three_settings(trained_probe):
 
 def test_unknown_setting_is_named(trained_probe):
     model, val = trained_probe
-    with pytest.raises(ValueError, match="unknown localisation setting 'difill': known are gridpg, difull, dipart"):
-        evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], settings=("difill",))
+    with pytest.raises(ValueError, match="unknown localisation setting 'difill': known are difull, dipart, gridpg; did you mean 'difull'"):
+        evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], metrics=("difill",))
 
 
 def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_probe):
@@ -127,21 +127,18 @@ def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_
     def keep(key, maps, cells, scores, images):
         kept.setdefault(key, []).append(maps)
 
-    def evaluate(methods, settings):
-        return evaluate_gridpg(
-            model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=methods,
-            layers=["input", "middle", "final"], grid=3, n_grids=2, confidence=0.5, settings=settings, on_maps=keep,
-            grids_per_batch=2,
-        )  # fmt: skip
-
-    methods = [m for m in list_methods() if m != "lime"]
-    metrics = evaluate(methods, ("gridpg", "difull", "dipart"))
-    metrics |= evaluate(["lime"], ("gridpg",))  # (500 samples per row on DiFull/DiPart: over a minute)
+    # cheap settings, the same code paths: IntGrad's steps and LIME's samples only repeat the forward passes
+    cheap = {"intgrad": {"n_steps": 8}, "lime": {"num_samples": 40, "batch_size": 40}}
+    metrics = evaluate_gridpg(
+        model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=list_methods(),
+        layers=["input", "middle", "final"], grid=3, n_grids=2, confidence=0.5, metrics=("gridpg", "difull", "dipart"),
+        on_maps=keep, grids_per_batch=2, method_options=cheap,
+    )  # fmt: skip
+    methods = list_methods()
     assert metrics["grids/count"] == 2
     expected_keys = {
-        f"{s}/{m}/{layer}" for s in ("gridpg", "difull", "dipart") for m in methods
-        for layer in create_method(m).layers
-    } | {"gridpg/lime/input"}  # fmt: skip
+        f"{s}/{m}/{layer}" for s in ("gridpg", "difull", "dipart") for m in methods for layer in create_method(m).layers
+    }  # fmt: skip
     assert expected_keys <= metrics.keys() and all(0.0 <= metrics[k] <= 1.0 for k in expected_keys)
     for method in ("ixg", "intgrad", "gbp", "bcos", "lrp"):  # provably local at the input on DiFull
         assert metrics[f"difull/{method}/input"] == pytest.approx(1.0), method
@@ -154,7 +151,8 @@ def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_
         explained = grid_model(setting, model, 3, cells)
         for method, layer in (("ixg", "middle"), ("gradcam", "final"), ("lrp", "final"), ("occlusion", "middle")):
             alone = create_method(method)(explained, inputs, targets, layer=layer)
-            torch.testing.assert_close(kept[(setting, method, layer)][0], alone, rtol=1e-4, atol=1e-6)
+            scale = alone.abs().max().item()  # float32 rounding, relative to the map (the shared forward folds BatchNorm)
+            torch.testing.assert_close(kept[(setting, method, layer)][0], alone, rtol=1e-4, atol=1e-5 * max(1.0, scale))
 
 
 def _grid_rows(model, val, grid, n_grids, setting="gridpg"):
@@ -180,7 +178,7 @@ def test_difull_and_dipart_explain_the_corner_cells_as_rao_et_al_unless_asked_fo
 
     evaluate_gridpg(
         model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=["ixg"], layers=["final"], grid=3,
-        n_grids=2, confidence=0.5, settings=("gridpg", "difull", "dipart"), on_maps=keep, di_cells=di_cells,
+        n_grids=2, confidence=0.5, metrics=("gridpg", "difull", "dipart"), on_maps=keep, di_cells=di_cells,
     )  # fmt: skip
     assert seen["gridpg"] == [list(range(9)) * 2]  # GridPG: every cell, whatever di_cells says
     assert seen["difull"] == seen["dipart"] == [expected * 2]

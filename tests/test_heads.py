@@ -26,7 +26,7 @@ def _bcos_by_hand(x: torch.Tensor, weight: torch.Tensor, b: float, max_out: int 
 @pytest.mark.parametrize("b, max_out", [(1.0, 1), (2.0, 1), (2.5, 1), (3.0, 2)])
 def test_bcos_head_layer_follows_the_reference_formula(b, max_out):
     torch.manual_seed(0)
-    head = create_head("bcos", 6, 4, depth=1, b=b, max_out=max_out).double().eval()
+    head = create_head("bcos", 6, 4, depth=1, bcos_b=b, max_out=max_out).double().eval()
     features = torch.randn(2, 6, 3, 3, dtype=torch.float64)
     weight = head.body[0].linear.weight.view(4 * max_out, 6)
     expected = torch.stack(
@@ -38,7 +38,7 @@ def test_bcos_head_layer_follows_the_reference_formula(b, max_out):
 @pytest.mark.parametrize("depth, b, head_input", [(1, 2.0, "spatial"), (2, 2.5, "spatial"), (3, 1.5, "pooled")])
 def test_bcos_head_explanation_sums_exactly_to_the_logit(depth, b, head_input):
     torch.manual_seed(1)
-    head = create_head("bcos", 16, 5, depth=depth, width=12, b=b, logit_bias=-1.5, input=head_input)
+    head = create_head("bcos", 16, 5, depth=depth, width=12, bcos_b=b, logit_bias=-1.5, input=head_input)
     head.train()
     head(torch.randn(64, 16, 4, 4))  # BatchNorm statistics that are not the defaults
     head.eval().double()
@@ -86,8 +86,8 @@ def test_pooled_input_equals_spatial_for_a_linear_head_but_not_for_an_mlp():
 def test_bcos_head_has_no_bias_and_checks_its_options():
     head = create_head("bcos", 8, 3, depth=3, width=4)
     assert not any("bias" in name for name, _ in head.named_parameters())
-    with pytest.raises(ValueError, match="exponent b must be >= 1, got 0.5"):
-        create_head("bcos", 8, 3, b=0.5)
+    with pytest.raises(ValueError, match="exponent bcos_b must be >= 1, got 0.5"):
+        create_head("bcos", 8, 3, bcos_b=0.5)
     with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
         create_head("bcos", 8, 3, depth=0)
 

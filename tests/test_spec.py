@@ -18,7 +18,7 @@ def test_demo_spec_expands_to_its_grid():
     spec = load_spec(DEMO_SPEC)
     trials = spec.trials()
     assert len(trials) == 12
-    assert {(t["backbone"]["name"], t["loss"], t["head"]["type"]) for t in trials} == {
+    assert {(t.backbone.name, t.loss, t.head.type) for t in trials} == {
         (b, loss, head)
         for b in ("tiny_resnet_sup", "tiny_resnet_ssl", "tiny_bcos_resnet")
         for loss in ("ce", "bce")
@@ -91,7 +91,7 @@ BAD_SPECS = [
     ("probe.head", [{"type": "linear", "input": "flat"}], "probe.head[0].input: must be one of 'spatial' or 'pooled', got 'flat'"),
     ("train.optimizer", "lamb", "train.optimizer: must be one of 'adam' or 'sgd', got 'lamb'"),
     ("probe.head", [{"type": "mlp", "depth": 1}], "probe.head[0].depth: mlp heads need depth >= 2, got 1"),
-    ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to mlp and bcos heads only, not to 'linear'"),
+    ("probe.head", [{"type": "linear", "width": 8}], "probe.head[0].width: applies to bcos and mlp heads only, not to 'linear'"),
     ("probe.head", [{"type": "mlp", "width": 0}], "probe.head[0].width: must be >= 1, got 0"),
     ("probe.head", [{"type": "mlp", "dept": 2}], "probe.head[0].dept: unknown key"),
     ("probe.logit_bias", "big", "probe.logit_bias: must be 'auto' or a finite number, got 'big'"),
@@ -109,7 +109,7 @@ BAD_SPECS = [
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
-    ("evaluate.metrics", ["pg"], "evaluate.metrics[0]: must be one of 'gridpg', 'difull', 'dipart' or 'epg', got 'pg'"),
+    ("evaluate.metrics", ["pg"], "evaluate.metrics[0]: unknown metric 'pg': known are difull, dipart, epg, gridpg; did you mean 'epg'?"),
     (
         "evaluate.metrics",
         ["epg"],
@@ -259,9 +259,9 @@ def test_random_search_draws_ranges_per_grid_point():
     spec = parse_spec(data)
     trials = spec.trials()
     assert spec.n_trials() == len(trials) == 3 * 2 * 2 * 3  # backbones x losses x heads x draws
-    lrs = [t["train"]["lr"] for t in trials]
+    lrs = [t.train.lr for t in trials]
     assert all(1.0e-4 <= lr <= 1.0e-1 for lr in lrs) and len(set(lrs)) == len(lrs)
-    depths = {t["head"]["depth"] for t in trials if t["head"]["type"] == "mlp"}
+    depths = {t.head.depth for t in trials if t.head.type == "mlp"}
     assert depths <= {2, 3, 4} and all(isinstance(d, int) for d in depths)
     assert trials == parse_spec(data).trials()  # seeded: the same sweep twice
     assert trials != parse_spec({**data, "search": {**data["search"], "seed": 8}}).trials()
@@ -376,12 +376,14 @@ def test_skip_leaves_a_refused_method_to_the_trials_it_applies_to():
 def test_the_shipped_specs_train_each_probe_with_the_references_recipe(shipped_environment):
     imagenet = load_spec(DEMO_SPEC.parent / "imagenet_how_to_probe.yaml")
     assert imagenet.backbones[0].weights == "IMAGENET1K_V1"  # torchvision's V1, as the paper
-    train = {(t["backbone"]["name"], t["head"]["type"], t["head"].get("depth")): t["train"] for t in imagenet.trials()}
+    keys = ("lr", "weight_decay", "optimizer", "momentum", "warmup_epochs", "milestones")
+    train = {(t.backbone.name, t.head.type, t.head.depth): t.train.model_dump(include=set(keys)) for t in imagenet.trials()}
     sgd = {"lr": 30.0, "weight_decay": 0.0, "optimizer": "sgd", "momentum": 0.9, "warmup_epochs": 0, "milestones": [60, 80]}
+    adam = {"lr": 1e-3, "weight_decay": 0.0, "optimizer": "adam", "momentum": 0.9, "warmup_epochs": 5, "milestones": None}
     for backbone in ("resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol"):
         assert train[(backbone, "mlp", 2)] == train[(backbone, "bcos", 3)] == sgd
-        assert train[(backbone, "linear", None)] == {"lr": 1e-3, "weight_decay": 0.0}  # Adam + cosine from train:
-    assert train[("bcos_resnet50", "mlp", 3)] == {"lr": 1e-3, "weight_decay": 0.0}  # MLPs on the B-cos backbone: Adam
+        assert train[(backbone, "linear", None)] == adam  # Adam + cosine from train:
+    assert train[("bcos_resnet50", "mlp", 3)] == adam  # MLPs on the B-cos backbone: Adam
     assert imagenet.train.optimizer == "adam" and imagenet.train.warmup_epochs == 5 and imagenet.train.batch_size == 128
     for name in ("voc2007_epg.yaml", "coco2014_epg.yaml"):
         spec = load_spec(DEMO_SPEC.parent / name)
@@ -436,7 +438,7 @@ def test_the_searchers_saved_state_is_data_not_a_pickle(tmp_path):
     text = (tmp_path / "state").read_text()  # JSON text: loading it runs nothing
     restored = TrialList([])
     restored.restore(str(tmp_path / "state"))
-    assert restored.trials == trials and restored.position == 2 and text.startswith("{")
+    assert restored.trials == [t.model_dump() for t in trials] and restored.position == 2 and text.startswith("{")
 
 
 def test_resume_refuses_a_storage_folder_others_can_write_to(tmp_path):

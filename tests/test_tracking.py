@@ -3,7 +3,8 @@
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.tracking import TrialRun, default_tracking_uri, ensure_experiment, flatten, start_sweep_run
+from sweeps.tracking import TrialRun, default_tracking_uri, ensure_experiment, start_sweep_run
+from sweeps.trial import flatten
 
 
 @pytest.fixture()

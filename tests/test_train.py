@@ -26,7 +26,7 @@ def _trainer(loss="bce", lr=1e-2, epochs=4, head="mlp"):
         create_loss(loss),
         (f_train, y_train),
         (f_val, y_val),
-        TrainConfig(epochs=epochs, batch_size=16, lr=lr, warmup_epochs=1, seed=0),
+        TrainConfig(epochs=epochs, batch_size=16, lr=lr, warmup_epochs=1),
     )
 
 
@@ -94,7 +94,7 @@ def test_sgd_with_milestones_and_with_a_step_every_n_epochs_after_a_warm_up_from
         )  # fmt: skip
         return _lr_per_epoch(trainer)
 
-    assert rates(epochs=10, lr=3.0, milestones=(3, 7), momentum=0.5) == pytest.approx([3.0] * 3 + [0.3] * 4 + [0.03] * 3)
+    assert rates(epochs=10, lr=3.0, milestones=[3, 7], momentum=0.5) == pytest.approx([3.0] * 3 + [0.3] * 4 + [0.03] * 3)
     # VOC/COCO: one warm-up epoch from 1e-7 (a factor of lr), then x0.1 every 2 epochs
     voc = rates(epochs=6, lr=30.0, warmup_epochs=1, warmup_start=1e-7 / 30, step_every=2)
     assert voc == pytest.approx([1e-7, 30.0, 30.0, 3.0, 3.0, 0.3])
@@ -146,12 +146,11 @@ def test_a_trial_with_augment_trains_through_the_backbone_on_augmented_images():
     """``train.augment: true``: the trial's trainer embeds augmented train images every batch
     (no train feature cache) and still learns; validation uses the cached val features."""
     from sweeps.spec import parse_spec
-    from sweeps.trainable import _trial_inputs
+    from sweeps.trial import trial_inputs
 
     spec = parse_spec({"name": "aug", "backbones": "tiny_resnet_sup", "train": {"epochs": 2, "lr": 0.05, "augment": True}})
     (trial,) = spec.trials()
-    config = {**trial, "logit_bias": "auto", "data": spec.data.model_dump(), "train": spec.train.model_dump(exclude={"seed"})}
-    backbone, val, loss, trainer = _trial_inputs(config)
+    backbone, val, loss, trainer = trial_inputs(trial)
     assert trainer.embed is not None and trainer.train_features is not None
     first = trainer.train_features[0:4]
     assert first.shape == (4, 3, 32, 32) and not torch.equal(first, trainer.train_features[0:4])  # random shifts

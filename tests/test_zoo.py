@@ -65,7 +65,7 @@ def test_a_key_mismatch_lists_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys: layer3\.0\.conv1\.weight; unexpected keys: layer9\.weight"):
         create_backbone("resnet18", weights=str(path))
     torch.save({"state_dict": state}, path)
-    with pytest.raises(KeyError, match="not a MoCo v2 checkpoint"):
+    with pytest.raises(ValueError, match="not a MoCo v2 checkpoint"):
         create_backbone("resnet18", weights=str(path), checkpoint_format="mocov2")
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from evaluation.attribution.common import ALL_LAYERS, attribution_method
 from evaluation.attribution.ixg import input_x_gradient
 from probing.heads import explanation_mode
 
 __all__ = ["bcos_explanation"]
 
 
+@attribution_method("bcos", ALL_LAYERS, "B-cos explanation (dynamic linear contributions)")
 def bcos_explanation(
     model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.attribution.folding import merged_batchnorm
+from probing.registry import Registry
 
 __all__ = [
+    "ALL_LAYERS",
+    "METHODS",
     "AttributionMethod",
+    "attribution_method",
     "LayeredModel",
     "encoded_perturbation",
     "layer_activation",
@@ -83,6 +87,28 @@ class AttributionMethod:
         if refused:
             raise ValueError(refused)
         return self.fn(model, images, targets, layer=layer, **opts)
+
+
+ALL_LAYERS = ("input", "middle", "final")
+
+METHODS: Registry[AttributionMethod] = Registry("attribution method")
+
+
+def attribution_method(
+    name: str,
+    layers: tuple[str, ...],
+    description: str,
+    uses_probabilities: bool = False,
+    refuses: tuple[tuple[str, str], ...] = (),
+):
+    """Decorator that registers ``fn(model, images, targets, layer, activation=None, ...)`` as the
+    attribution method ``name``, beside its code (see :class:`AttributionMethod` for the rest)."""
+
+    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        METHODS.register(name)(AttributionMethod(name, fn, layers, description, uses_probabilities, refuses))
+        return fn
+
+    return add
 
 
 @contextmanager

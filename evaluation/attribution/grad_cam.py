@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.attribution.common import target_gradients, to_image_size
+from evaluation.attribution.common import attribution_method, target_gradients, to_image_size
 
 __all__ = ["grad_cam"]
 
 
+@attribution_method("gradcam", ("middle", "final"), "Grad-CAM (ReLU before upsampling; relu=False drops it)")
 def grad_cam(
     model,
     images: torch.Tensor,

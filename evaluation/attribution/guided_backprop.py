@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from evaluation.attribution.common import target_gradients, to_image_size
+from evaluation.attribution.common import ALL_LAYERS, attribution_method, target_gradients, to_image_size
 
 __all__ = ["guided_backprop", "guided_relus"]
 
@@ -43,6 +43,10 @@ def guided_relus(model: nn.Module):
             m.inplace = flag
 
 
+@attribution_method(
+    "gbp", ALL_LAYERS, "Guided Backprop",
+    refuses=(("vit", "a vision transformer has no ReLU to guide (its GELUs pass plain gradients)"),),
+)
 def guided_backprop(
     model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evaluation.attribution.common import layer_activation, repeated_rows, shared_forward_gradients, to_image_size
+from evaluation.attribution.common import ALL_LAYERS, attribution_method, layer_activation, repeated_rows, shared_forward_gradients, to_image_size
 from evaluation.attribution.folding import merged_batchnorm
 
 __all__ = ["integrated_gradients", "gauss_legendre"]
@@ -24,6 +24,7 @@ def gauss_legendre(n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(0.5 * (nodes + 1.0)), torch.from_numpy(0.5 * weights)
 
 
+@attribution_method("intgrad", ALL_LAYERS, "Integrated Gradients (zero baseline, 50 steps)")
 def integrated_gradients(
     model,
     images: torch.Tensor,

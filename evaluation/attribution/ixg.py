@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.attribution.common import target_gradients, to_image_size
+from evaluation.attribution.common import ALL_LAYERS, attribution_method, target_gradients, to_image_size
 
 __all__ = ["input_x_gradient"]
 
 
+@attribution_method("ixg", ALL_LAYERS, "Input x Gradient")
 def input_x_gradient(
     model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evaluation.attribution.common import encoded_perturbation, model_rows
+from evaluation.attribution.common import attribution_method, encoded_perturbation, model_rows
 
 __all__ = ["lime"]
 
@@ -44,6 +44,10 @@ def _as_rgb(image: torch.Tensor) -> np.ndarray:
     return ((rgb - low) / (high - low + 1e-12)).permute(1, 2, 0).cpu().numpy()
 
 
+@attribution_method(
+    "lime", ("input",), "LIME (quickshift superpixels, 500 samples, segments hidden by their mean)",
+    uses_probabilities=True,
+)
 @torch.no_grad()
 def lime(
     model,

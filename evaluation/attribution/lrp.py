@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from evaluation.attribution.common import (
+    ALL_LAYERS,
+    attribution_method,
     layer_activation,
     repeated_rows,
     restored_afterwards,
@@ -92,6 +94,16 @@ class _FromLayer(nn.Module):
         return self.model.forward_from(activation, self.layer)
 
 
+NO_LRP_RULES = {
+    "bcos": "zennit has no LRP rule for B-cos layers; use 'bcos' (their exact explanation) or a gradient method",
+    "vit": "zennit has no LRP rule for attention and LayerNorm; use a gradient method",
+}
+
+
+@attribution_method(
+    "lrp", ALL_LAYERS, "LRP, zennit EpsilonGammaBox with canonizers, from the target logit",
+    refuses=tuple(NO_LRP_RULES.items()),
+)
 def lrp(
     model,
     images: torch.Tensor,

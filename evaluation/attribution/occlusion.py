@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.attribution.common import encoded_perturbation, layer_activation, select_targets, to_image_size
+from evaluation.attribution.common import ALL_LAYERS, attribution_method, encoded_perturbation, layer_activation, select_targets, to_image_size
 
 #: (window, stride) per layer when none is given (Rao et al.)
 DEFAULT_WINDOWS = {"input": (16, 8), "middle": (16, 8), "final": (5, 2)}
@@ -27,6 +27,7 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
     return list(range(0, size - window + 1, stride))
 
 
+@attribution_method("occlusion", ALL_LAYERS, "Occlusion (zero windows: 16/8 px, 5/2 at the final layer)")
 @torch.no_grad()
 def occlusion(
     model,

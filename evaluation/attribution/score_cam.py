@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.attribution.common import (
+    attribution_method,
     encoded_perturbation,
     layer_activation,
     model_rows,
@@ -29,6 +30,7 @@ from evaluation.attribution.common import (
 __all__ = ["score_cam"]
 
 
+@attribution_method("scorecam", ("middle", "final"), "Score-CAM (Wang et al.'s weights)", uses_probabilities=True)
 @torch.no_grad()
 def score_cam(
     model,

@@ -1,0 +1,72 @@
+"""The localisation metrics a sweep can log: one registry, filled beside each metric's code.
+
+A metric is scored on one of two protocols:
+
+- ``grids``: n x n grids of confidently classified single-label images (Rao et al., CVPR 2022).
+  GridPG explains the plain model; DiFull and DiPart explain a grid model built from it
+  (:mod:`evaluation.grid_models`), whose correct attribution is known.
+- ``boxes``: (image, class) rows of multi-label images with boxes, scored by EPG
+  (:mod:`evaluation.epg`).
+
+The score functions themselves are pure (:mod:`evaluation.localization`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from probing.registry import Registry
+
+__all__ = ["METRICS", "Metric", "grid_metrics", "list_metrics", "localisation_metric"]
+
+PROTOCOL_NEEDS = {
+    "grids": "single-label images for its grids",
+    "boxes": "a data set with boxes (voc2007, coco2014)",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric.
+
+    Attributes:
+        protocol: ``grids`` or ``boxes`` (see the module docstring).
+        grid_model: ``grids`` only: ``(model, grid, cells) -> the model to explain``, or None for
+            the plain model.
+    """
+
+    name: str
+    protocol: Literal["grids", "boxes"]
+    description: str
+    grid_model: Callable | None = None
+
+    @property
+    def needs(self) -> str:
+        """What a data set must have for this metric (for the spec's error)."""
+        return PROTOCOL_NEEDS[self.protocol]
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def localisation_metric(name: str, protocol: Literal["grids", "boxes"], description: str):
+    """Decorator registering the metric ``name``; on a grid model class (or None-returning
+    function for the plain model) it also records how to build the model that is explained."""
+
+    def add(obj):
+        METRICS.register(name)(Metric(name, protocol, description, obj if protocol == "grids" else None))
+        return obj
+
+    return add
+
+
+def grid_metrics(names=None) -> tuple[str, ...]:
+    """The ``grids`` metrics among ``names`` (default: all registered), in their given order."""
+    names = METRICS.names() if names is None else names
+    return tuple(n for n in names if METRICS.get(n).protocol == "grids")
+
+
+def list_metrics(pattern: str = "*") -> list[str]:
+    """Registered metric names matching a shell-style ``pattern``."""
+    return METRICS.names(pattern)

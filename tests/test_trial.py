@@ -1,0 +1,84 @@
+"""One trial without Ray: its config, ``run_trial`` and the folder tracker; and what the refactor
+to them kept (the same MLflow params and the same scores for a demo trial on a fixed seed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from sweeps.folder_tracker import FolderTracker
+from sweeps.spec import DEMO_SPEC, load_spec
+from sweeps.trial import TrialConfig, flatten, run_trial
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "demo_trial_before.json").read_text())
+
+
+def test_the_trial_path_imports_neither_ray_nor_mlflow():
+    code = (
+        "import sys; import sweeps.spec, sweeps.trial, sweeps.folder_tracker; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'optuna'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_trial_config_is_strict_and_round_trips_through_its_dump():
+    trial = load_spec(DEMO_SPEC).trials()[11]
+    dumped = trial.model_dump()
+    assert TrialConfig.model_validate(dumped) == trial
+    assert dumped["head"] == {"type": "bcos", "depth": 2, "width": 256}  # unset options are left out
+    with pytest.raises(ValidationError, match="train.lrr\n  Extra inputs are not permitted"):
+        TrialConfig.model_validate({**dumped, "train": {**dumped["train"], "lrr": 0.1}})
+    with pytest.raises(ValidationError, match="head.depth: a trial takes one value, not a range"):
+        TrialConfig.model_validate({**dumped, "head": {**dumped["head"], "depth": {"low": 2, "high": 3}}})
+    with pytest.raises(ValidationError, match="applies to bcos heads only, not to 'linear'"):
+        TrialConfig.model_validate({**dumped, "head": {"type": "linear", "bcos_b": 2.0}})
+
+
+def test_the_demo_trials_log_the_params_they_logged_before():
+    """The MLflow param names and values of every demo trial are those of the code before TrialConfig."""
+    trials = load_spec(DEMO_SPEC).trials()
+    for index, before in BEFORE["trials"].items():
+        assert flatten(trials[int(index)].model_dump()) == before["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", sorted(BEFORE["trials"]))
+def test_a_demo_trial_scores_as_before_on_its_fixed_seed(index, tmp_path):
+    """``run_trial`` with a folder tracker gives the metrics the trial gave before the refactor
+    (sup + CE + linear and B-cos backbone + BCE + B-cos MLP: 30 epochs, IxG, B-cos, Grad-CAM)."""
+    import torch
+
+    torch.set_num_threads(1)  # as the trials of a sweep run (resources.cpu 1)
+    trial = load_spec(DEMO_SPEC).trials()[int(index)]
+    tracker = FolderTracker(tmp_path)
+    results = run_trial(trial, tracker)
+    before = BEFORE["trials"][index]["metrics"]
+    assert {k: results[k] for k in before} == pytest.approx(before, rel=1e-4, abs=1e-5)
+    # what was logged: the last epoch's metrics and scores at step 30, the figures, the probe, the config
+    assert {k: tracker.metrics[k][30] for k in before} == pytest.approx(before, rel=1e-4, abs=1e-5)
+    assert yaml.safe_load((tmp_path / "trial_config.yaml").read_text()) == trial.model_dump()
+    assert (tmp_path / "probe.pt").is_file() and (tmp_path / "aggatt" / "gridpg-ixg-input.png").is_file()
+    assert json.loads((tmp_path / "run.json").read_text())["params"] == BEFORE["trials"][index]["params"]
+
+
+def test_probesweep_list_prints_every_registry_with_its_descriptions(capsys):
+    from evaluation.attribution import METHODS, list_methods
+    from evaluation.metrics import METRICS, list_metrics
+    from probing.backbones import BACKBONES, list_backbones
+    from sweeps.cli import run_cli
+
+    assert run_cli(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {"datasets:", "backbones:", "heads:", "losses:", "attribution methods:", "metrics:"} <= set(lines)
+    for registry, names in ((METHODS, list_methods()), (METRICS, list_metrics()), (BACKBONES, list_backbones())):
+        for name in names:
+            described = [line.split(None, 1) for line in lines if line.startswith(f"  {name} ")]
+            assert described and described[0][1].strip() == registry.description(name) != "", name
+    assert list_metrics() == ["difull", "dipart", "epg", "gridpg"] and "tiny_resnet_sup" in list_backbones()
