@@ -72,9 +72,5 @@ class Registry(Generic[T]):
         """Sorted registered names matching a shell-style ``pattern``."""
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
-    def items(self) -> list[tuple[str, T]]:
-        """(name, entry) pairs, sorted by name (``probesweep list`` prints their descriptions)."""
-        return sorted(self._entries.items())
-
     def __contains__(self, name: object) -> bool:
         return name in self._entries
