@@ -102,9 +102,10 @@ class OptunaSpace:
         backbone = _suggest(trial, "search/backbone", list(self.backbones))
         head_name = _suggest(trial, "search/head", list(self.heads))
         head_spec = self.heads[head_name]
-        head = {"type": head_spec.type} | {
-            k: _suggest(trial, f"search/{head_name}.{k}", v, integer=integer_option(head_spec.type, k))
-            for k, v in head_spec.options().items()
+        head = {
+            k: v if k == "type" else _suggest(trial, f"search/{head_name}.{k}", v, integer=integer_option(head_spec.type, k))
+            for k, v in head_spec
+            if v is not None
         }
         return spec.trial(
             self.backbones[backbone],

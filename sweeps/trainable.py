@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from sweeps.spec_files import secret_uri
-from sweeps.trial import TrialConfig, TrialSession, run_trial
+from sweeps.trial import TrialConfig, TrialSession, flatten, run_trial
 
 __all__ = ["probe_trial", "RUNTIME_KEY", "RaySession"]
 
 RUNTIME_KEY = "runtime"  # config entries that say where to log, not what to train
+SEARCH_KEY = "search"  # Optuna's own choices (``search/lr``, ...), which Ray's OptunaSearch adds to the config
 STATE_FILE = "trainer.pt"
 
 
@@ -67,7 +68,7 @@ def probe_trial(config: dict[str, Any]) -> None:
     from sweeps.tracking import TrialRun
 
     runtime = config[RUNTIME_KEY]
-    trial = TrialConfig.model_validate({k: v for k, v in config.items() if k != RUNTIME_KEY})
+    trial = TrialConfig.model_validate({k: v for k, v in config.items() if k not in (RUNTIME_KEY, SEARCH_KEY)})
     os.environ["PROBESWEEP_CACHE"] = runtime["cache_dir"]
     torch.set_num_threads(runtime["threads"])
     context = tune.get_context()
@@ -83,6 +84,8 @@ def probe_trial(config: dict[str, Any]) -> None:
             # the address the node joined the cluster with (several nodes may share a host)
             node_ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
             run.set_tags({"node_ip": node_ip, "node_id": node_id, "hostname": socket.gethostname()})
+            if SEARCH_KEY in config:  # the study's names for the trial's values, as params beside them
+                run.log_params(flatten({SEARCH_KEY: config[SEARCH_KEY]}))
         run_trial(trial, run, RaySession(runtime["objectives"], runtime.get("report_every_epoch", True)))
 
 

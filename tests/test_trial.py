@@ -77,8 +77,37 @@ def test_probesweep_list_prints_every_registry_with_its_descriptions(capsys):
     assert run_cli(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert {"datasets:", "backbones:", "heads:", "losses:", "attribution methods:", "metrics:"} <= set(lines)
-    for registry, names in ((METHODS, list_methods()), (METRICS, list_metrics()), (BACKBONES, list_backbones())):
-        for name in names:
-            described = [line.split(None, 1) for line in lines if line.startswith(f"  {name} ")]
-            assert described and described[0][1].strip() == registry.description(name) != "", name
+    for registry, section, names in (
+        (METHODS, "attribution methods:", list_methods()), (METRICS, "metrics:", list_metrics()),
+        (BACKBONES, "backbones:", list_backbones()),
+    ):  # fmt: skip
+        start = lines.index(section) + 1
+        entries = lines[start : start + len(names)]
+        assert [line.split(None, 1)[0] for line in entries] == names
+        for name, line in zip(names, entries):
+            assert line.split(None, 1)[1] == registry.description(name) != "", name
     assert list_metrics() == ["difull", "dipart", "epg", "gridpg"] and "tiny_resnet_sup" in list_backbones()
+
+
+def test_an_optuna_trial_is_a_trial_config_with_values_drawn_from_the_ranges():
+    """Optuna's define-by-run space (with a range inside a head) gives a whole TrialConfig, and the
+    trainable reads it back with Optuna's own ``search`` record beside it."""
+    import optuna
+
+    from sweeps.search import OptunaSpace
+    from sweeps.spec import parse_spec
+    from sweeps.trainable import RUNTIME_KEY, SEARCH_KEY
+
+    spec = parse_spec({
+        "name": "o", "backbones": ["tiny_resnet_sup"],
+        "probe": {"loss": ["ce", "bce"], "head": [{"type": "bcos", "depth": 1, "bcos_b": {"low": 1.0, "high": 2.5}}]},
+        "train": {"lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True}},
+        "search": {"algorithm": "optuna", "num_samples": 3, "objectives": {"val/accuracy": "max"}},
+    })  # fmt: skip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        ask = study.ask()
+        config = OptunaSpace(spec)(ask)
+        trial = TrialConfig.model_validate({k: v for k, v in config.items() if k not in (RUNTIME_KEY, SEARCH_KEY)})
+        assert 1.0 <= trial.head.bcos_b <= 2.5 and 1.0e-3 <= trial.train.lr <= 3.0e-2 and trial.loss in ("ce", "bce")
+        assert trial.head.bcos_b == ask.params["search/bcos-d1.bcos_b"] and trial.train.lr == ask.params["search/lr"]
