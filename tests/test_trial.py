@@ -19,6 +19,16 @@ from sweeps.trial import TrialConfig, flatten, run_trial
 BEFORE = json.loads((Path(__file__).parent / "data" / "demo_trial_before.json").read_text())
 
 
+def weights_fingerprint(module) -> str:
+    """SHA-256 of a module's parameters and buffers (their values, not a file's bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def test_the_trial_path_imports_neither_ray_nor_mlflow():
     code = (
         "import sys; import sweeps.spec, sweeps.trial, sweeps.folder_tracker; "
@@ -56,7 +66,13 @@ def test_a_demo_trial_scores_as_before_on_its_fixed_seed(index, tmp_path):
     import torch
 
     torch.set_num_threads(1)  # as the trials of a sweep run (resources.cpu 1)
+    from probing.backbones import create_backbone
+
     trial = load_spec(DEMO_SPEC).trials()[int(index)]
+    # the reference was recorded on these pre-trained weights (seed 0, one thread); another CPU's
+    # arithmetic could pre-train others, and then the scores cannot be compared
+    recorded = BEFORE["backbone_weights"][trial.backbone.name]
+    assert weights_fingerprint(create_backbone(trial.backbone.name)) == recorded, "pre-training gave other weights here"
     tracker = FolderTracker(tmp_path)
     results = run_trial(trial, tracker)
     before = BEFORE["trials"][index]["metrics"]
