@@ -30,7 +30,7 @@ from evaluation.metrics import METRICS
 from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
 from probing.datasets import DATASETS
-from probing.heads import HEADS, MIN_DEPTH, head_options
+from probing.heads import HEAD_INPUTS, HEADS, MIN_DEPTH, head_options
 from probing.losses import LOSSES
 from probing.registry import Registry, unknown_name
 from probing.settings import Strict, at_most
@@ -134,7 +134,7 @@ class HeadSpec(Strict):
     width: searchable(int, ge=1, le=65536) | None = None
     bcos_b: searchable(float, ge=1) | None = None
     max_out: searchable(int, ge=1) | None = None
-    input: Literal["spatial", "pooled"] | None = None  # default spatial: pool after the head
+    input: Literal[HEAD_INPUTS] | None = None  # default spatial: pool after the head
 
     @field_validator("depth", "width", "bcos_b", "max_out", "input")
     @classmethod
