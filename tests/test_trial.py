@@ -1,9 +1,10 @@
-"""One trial without Ray: its config, ``run_trial`` and the folder tracker; and what the refactor
-to them kept (the same MLflow params and the same scores for a demo trial on a fixed seed)."""
+"""One trial without Ray: its config, ``run_trial`` and the folder tracker; what the refactor to
+them kept (the same MLflow params), and a demo trial's scores on fixed weights and a fixed seed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,12 @@ from sweeps.folder_tracker import FolderTracker
 from sweeps.spec import DEMO_SPEC, load_spec
 from sweeps.trial import TrialConfig, flatten, run_trial
 
-BEFORE = json.loads((Path(__file__).parent / "data" / "demo_trial_before.json").read_text())
+DATA = Path(__file__).parent / "data"
+# params: logged by the code before TrialConfig (8937cd7); metrics: run_trial on the weights in
+# demo_trial_weights/ (``made_by`` in the file says where and how)
+REFERENCE = json.loads((DATA / "demo_trial_reference.json").read_text())
+# the settings added since the reference was recorded, at their defaults (the trial's device, the extraction's precision)
+ADDED_PARAMS = {"train.device": "auto", "features.precision": "float32"}
 
 
 def weights_fingerprint(module) -> str:
@@ -52,36 +58,45 @@ def test_a_trial_config_is_strict_and_round_trips_through_its_dump():
 
 
 def test_the_demo_trials_log_the_params_they_logged_before():
-    """The MLflow param names and values of every demo trial are those of the code before TrialConfig."""
+    """The MLflow param names and values of every demo trial are those of the code before TrialConfig
+    (and the settings added since, at their defaults)."""
     trials = load_spec(DEMO_SPEC).trials()
-    for index, before in BEFORE["trials"].items():
-        assert flatten(trials[int(index)].model_dump()) == before["params"]
+    for index, before in REFERENCE["trials"].items():
+        assert flatten(trials[int(index)].model_dump()) == before["params"] | ADDED_PARAMS
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", sorted(BEFORE["trials"]))
-def test_a_demo_trial_scores_as_before_on_its_fixed_seed(index, tmp_path):
-    """``run_trial`` with a folder tracker gives the metrics the trial gave before the refactor
-    (sup + CE + linear and B-cos backbone + BCE + B-cos MLP: 30 epochs, IxG, B-cos, Grad-CAM)."""
+@pytest.mark.parametrize("index", sorted(REFERENCE["trials"]))
+def test_a_demo_trial_scores_as_recorded_on_fixed_weights_and_seed(index, tmp_path, monkeypatch):
+    """``run_trial`` with a folder tracker gives the recorded metrics (sup + CE + linear and B-cos
+    backbone + BCE + B-cos MLP: 30 epochs, IxG, B-cos, Grad-CAM). The backbone's weights are the
+    recorded ones, not pre-trained here: pre-training on another machine can give other weights
+    (two sessions' machines pre-trained different ones), while the trial itself moved by at most
+    1.8e-7 with torch's and oneDNN's vector code forced down to SSE4.1."""
     import torch
 
-    torch.set_num_threads(1)  # as the trials of a sweep run (resources.cpu 1)
-    from probing.backbones import create_backbone
+    from probing.backbones import create_backbone, file_digest, pretrained_weights_file
 
+    torch.set_num_threads(1)  # as the trials of a sweep run (resources.cpu 1)
     trial = load_spec(DEMO_SPEC).trials()[int(index)]
-    # the reference was recorded on these pre-trained weights (seed 0, one thread); another CPU's
-    # arithmetic could pre-train others, and then the scores cannot be compared
-    recorded = BEFORE["backbone_weights"][trial.backbone.name]
-    assert weights_fingerprint(create_backbone(trial.backbone.name)) == recorded, "pre-training gave other weights here"
-    tracker = FolderTracker(tmp_path)
+    monkeypatch.setenv("PROBESWEEP_CACHE", str(tmp_path / "cache"))
+    cached = pretrained_weights_file(trial.backbone.name)
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(DATA / "demo_trial_weights" / f"{trial.backbone.name}.pt", cached)
+    cached.with_suffix(".sha256").write_text(file_digest(cached, full=True))
+    recorded = REFERENCE["backbone_weights"][trial.backbone.name]
+    assert weights_fingerprint(create_backbone(trial.backbone.name)) == recorded  # read, not pre-trained again
+    tracker = FolderTracker(tmp_path / "run")
     results = run_trial(trial, tracker)
-    before = BEFORE["trials"][index]["metrics"]
-    assert {k: results[k] for k in before} == pytest.approx(before, rel=1e-4, abs=1e-5)
+    recorded = REFERENCE["trials"][index]["metrics"]
+    assert {k: results[k] for k in recorded} == pytest.approx(recorded, rel=1e-4, abs=1e-5)
     # what was logged: the last epoch's metrics and scores at step 30, the figures, the probe, the config
-    assert {k: tracker.metrics[k][30] for k in before} == pytest.approx(before, rel=1e-4, abs=1e-5)
-    assert yaml.safe_load((tmp_path / "trial_config.yaml").read_text()) == trial.model_dump()
-    assert (tmp_path / "probe.pt").is_file() and (tmp_path / "aggatt" / "gridpg-ixg-input.png").is_file()
-    assert json.loads((tmp_path / "run.json").read_text())["params"] == BEFORE["trials"][index]["params"]
+    assert {k: tracker.metrics[k][30] for k in recorded} == pytest.approx(recorded, rel=1e-4, abs=1e-5)
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "trial_config.yaml").read_text()) == trial.model_dump()
+    assert (run / "probe.pt").is_file() and (run / "aggatt" / "gridpg-ixg-input.png").is_file()
+    assert tracker.tags["device"] == "cpu (cpu)"
+    assert json.loads((run / "run.json").read_text())["params"] == REFERENCE["trials"][index]["params"] | ADDED_PARAMS
 
 
 def test_probesweep_list_prints_every_registry_with_its_descriptions(capsys):
