@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from evaluation.batching import halving_batches
 from evaluation.gridpg import explain_pairs, method_layer_pairs
 from evaluation.localization import energy_pointing_game
 from evaluation.metrics import localisation_metric
@@ -64,6 +65,7 @@ def evaluate_epg(
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable | None = None,
     method_options: dict[str, dict] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Mean EPG of every (method, layer) pair over the (image, class) rows.
 
@@ -74,6 +76,8 @@ def evaluate_epg(
         on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
             their scores and their images.
         method_options: keyword arguments per method name (``{"intgrad": {"n_steps": 16}}``).
+        rows_per_batch: rows explained together; halved when a batch runs out of GPU memory
+            (logged to ``log``).
 
     Returns:
         ``epg/<method>/<layer>`` and ``epg/rows`` (the number of (image, class) rows scored).
@@ -84,8 +88,10 @@ def evaluate_epg(
     metrics: dict[str, float] = {"epg/rows": float(len(rows))}
     scores: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
     device = next(model.parameters()).device
-    for start in range(0, len(rows), rows_per_batch):
-        batch = rows[start : start + rows_per_batch]
+
+    def score_batch(start: int, stop: int) -> list[tuple]:
+        results = []
+        batch = rows[start:stop]
         unique = sorted({i for i, _ in batch})
         pictures = images[torch.tensor(unique)]
         inputs = model.preprocess(pictures.to(device))
@@ -93,6 +99,7 @@ def evaluate_epg(
         targets = torch.tensor([c for _, c in batch], device=device)
         height, width = inputs.shape[-2:]
         masks = torch.stack([box_mask(boxes[i], c, height, width) for i, c in batch]).to(device)
+
         def shared_activation(layer: str) -> torch.Tensor:  # one forward per image serves all its classes
             return model.forward_to(inputs, layer)[which]
 
@@ -100,9 +107,14 @@ def evaluate_epg(
             model, inputs[which], targets, pairs, shared_activation, probabilities, smoothing, method_options
         ):
             score = energy_pointing_game(maps, masks)
+            results.append(((method, layer), score, maps.detach() if on_maps else None, targets, pictures[which.cpu()]))
+        return results
+
+    for results in halving_batches(len(rows), rows_per_batch, score_batch, "EPG attributions", log):
+        for (method, layer), score, maps, targets, pictures in results:
             scores[(method, layer)].append(score.cpu())
             if on_maps is not None:
-                on_maps(("epg", method, layer), maps.detach(), targets, score, pictures[which.cpu()])
+                on_maps(("epg", method, layer), maps, targets, score, pictures)
     for (method, layer), values in scores.items():
         if values:
             metrics[f"epg/{method}/{layer}"] = torch.cat(values).mean().item()

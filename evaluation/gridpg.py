@@ -13,6 +13,7 @@ import torch
 from evaluation.attribution import create_method
 from evaluation.attribution.common import model_rows
 from evaluation.attribution.folding import merged_batchnorm
+from evaluation.batching import halving_batches
 from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
@@ -93,6 +94,7 @@ def evaluate_gridpg(
     on_maps: Callable[..., None] | None = None,
     di_cells: str = "corners",
     method_options: dict[str, dict] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Score every (method, layer) pair with the Grid Pointing Game, on each grid setting.
 
@@ -113,6 +115,8 @@ def evaluate_gridpg(
         on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
             target cells, scores and the batch's grid images (one per explained cells' rows), e.g.
             to build AggAtt figures and example galleries.
+        grids_per_batch: grids explained together; halved when a batch runs out of GPU memory
+            (logged to ``log``).
 
     Returns:
         ``<setting>/<method>/<layer>``: mean score over the explained cells of all grids (absent when no
@@ -130,14 +134,16 @@ def evaluate_gridpg(
     pairs = method_layer_pairs(methods, layers)
     keys = [(setting, method, layer) for setting in metrics for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
-    for start in range(0, len(grids), grids_per_batch):
-        grid_images = grids.images[start : start + grids_per_batch].to(device)
+
+    def score_batch(start: int, stop: int) -> list[tuple]:
+        results = []
+        grid_images = grids.images[start:stop].to(device)
         grid_inputs = model.preprocess(grid_images)
         for setting in metrics:
             chosen = explained[setting].to(device)  # the cells explained in each grid
             per_grid = len(chosen)
             inputs = grid_inputs.repeat_interleave(per_grid, dim=0)  # one row per target
-            targets = grids.classes[start : start + grids_per_batch][:, chosen.cpu()].flatten().to(device)
+            targets = grids.classes[start:stop][:, chosen.cpu()].flatten().to(device)
             cell_index = chosen.repeat(len(grid_inputs))
             setting_model = grid_model(setting, model, grid, cell_index)
             first_rows = model_rows(setting_model, torch.arange(0, len(inputs), per_grid))
@@ -150,9 +156,14 @@ def evaluate_gridpg(
                 setting_model, inputs, targets, pairs, shared_activation, probabilities, smoothing, method_options
             ):
                 score = grid_pointing_game(maps, grid, cell_index)
-                scores[(setting, method, layer)].append(score.cpu())
-                if on_maps is not None:
-                    on_maps((setting, method, layer), maps.detach(), cell_index, score, grid_images)
+                results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images))
+        return results
+
+    for results in halving_batches(len(grids), grids_per_batch, score_batch, "grid attributions", log):
+        for key, score, maps, cell_index, grid_images in results:
+            scores[key].append(score.cpu())
+            if on_maps is not None:
+                on_maps(key, maps, cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
         scores_out[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
     return scores_out

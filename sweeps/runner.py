@@ -53,6 +53,7 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     """Pre-train (first use) each backbone and cache its features for both splits."""
     from probing.backbones import create_backbone
     from probing.datasets import create_dataset
+    from probing.devices import trial_device
     from probing.features import cached_features
 
     dataset, dtype = spec.data.dataset, getattr(torch, spec.train.feature_dtype)
@@ -62,11 +63,13 @@ def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     for name, split in splits.items():
         if split.skipped:
             log(f"{dataset}/{name}: skipped {split.skipped} unreadable images (skip_corrupt)")
+    # the driver's own GPU if it has one and the trials may use theirs (the features are the same up to float rounding)
+    device = trial_device("cpu" if spec.train.device == "cpu" else "auto")
     for entry in spec.backbones:
-        backbone = create_backbone(entry.name, log=log, **entry.options())
+        backbone = create_backbone(entry.name, log=log, **entry.options()).to(device)
         for name, split in splits.items():
             if name == "val" or not spec.train.augment:
-                cached_features(backbone, split, dataset, name, log=log, dtype=dtype)
+                cached_features(backbone, split, dataset, name, log=log, dtype=dtype, precision=spec.features.precision)
 
 
 def trial_param_space(runtime: dict) -> dict:

@@ -30,6 +30,7 @@ from evaluation.metrics import METRICS
 from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
 from probing.datasets import DATASETS
+from probing.devices import DEVICE_SETTINGS, Precision
 from probing.heads import HEAD_INPUTS, HEADS, MIN_DEPTH, head_options
 from probing.losses import LOSSES
 from probing.registry import Registry, unknown_name
@@ -40,7 +41,7 @@ from sweeps.space import Range, draw, search_axis, searchable
 from sweeps.spec_files import check_name
 
 __all__ = [
-    "BackboneSpec", "DataSpec", "EvaluateSpec", "HeadSpec", "ProbeSpec", "RecipeSpec", "ResourcesSpec",
+    "BackboneSpec", "DataSpec", "EvaluateSpec", "FeaturesSpec", "HeadSpec", "ProbeSpec", "RecipeSpec", "ResourcesSpec",
     "TrackingSpec", "TrainSpec", "TrialTrain", "LogitBias", "Strict", "at_most", "check_schedule", "head_label", "integer_option", "registered",
 ]  # fmt: skip
 
@@ -221,10 +222,19 @@ class TrialTrain(TrainConfig):
     """A trial's ``train``: the trainer's settings (``probing.train.TrainConfig``) and the trial's own."""
 
     augment: bool = False  # train through the backbone with augmentation each epoch (slow) instead of the cache
+    # where the trial computes: auto is CUDA when Ray gave the trial a GPU (resources.gpu), else the CPU
+    device: Literal[DEVICE_SETTINGS] = "auto"
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the feature cache
     # a checkpoint (and the MLflow write of the epochs since the last one) at most this often, and
     # after the last epoch; 0: every epoch. A resumed trial repeats at most this much training.
     checkpoint_every_s: Annotated[float, Field(ge=0)] = 5.0
+
+
+class FeaturesSpec(Strict):
+    """How the frozen backbone computes features: autocast to ``precision`` (bfloat16 / float16
+    halve a GPU's extraction time; the probe trains, and every attribution runs, in float32)."""
+
+    precision: Precision = "float32"
 
 
 class TrainSpec(TrialTrain):
@@ -327,9 +337,17 @@ class EvaluateSpec(Strict):
 
 class ResourcesSpec(Strict):
     cpu: Annotated[float, Field(gt=0), at_most(1024, "CPUs of one trial")] = 1.0
+    # a fraction (0.25) shares one GPU among trials; more than one must be whole (Ray's rule)
     gpu: Annotated[float, Field(ge=0), at_most(64, "GPUs of one trial")] = 0.0
     # times Ray restarts a failed trial from its last checkpoint (a lost node, a killed worker)
     max_failures: Annotated[int, Field(ge=0)] = 1
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"more than one GPU must be a whole number (a fraction shares one GPU), got {v:g}")
+        return v
 
 
 class TrackingSpec(Strict):

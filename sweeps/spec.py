@@ -26,6 +26,7 @@ from sweeps.settings import (
     BackboneSpec,
     DataSpec,
     EvaluateSpec,
+    FeaturesSpec,
     ProbeSpec,
     RecipeSpec,
     ResourcesSpec,
@@ -50,6 +51,7 @@ class SweepSpec(Strict):
     data: DataSpec = DataSpec()
     backbones: axis(Annotated[BackboneSpec, BeforeValidator(backbone_item)])
     probe: ProbeSpec = ProbeSpec()
+    features: FeaturesSpec = FeaturesSpec()
     train: TrainSpec = TrainSpec()
     recipes: list[RecipeSpec] = []
     evaluate: EvaluateSpec = EvaluateSpec()
@@ -70,12 +72,17 @@ class SweepSpec(Strict):
             1 if self.data.multilabel else self.evaluate.grid
         )  # the maps' side: an image, or a grid of them
         kernel = max(s.kernel for s in REFERENCE_SMOOTHING.values())
+        warnings = []
+        if self.resources.gpu > 1:
+            warnings.append(
+                f"resources.gpu: a trial computes on one device; the other {self.resources.gpu - 1:g} GPUs it reserves stay idle"
+            )
         if self.evaluate.smoothing == "reference" and side < kernel:
-            return [
+            warnings.append(
                 f"evaluate.smoothing: the reference's {kernel} px Gaussian is sized for 224-448 px images; on these "
                 f"{side} px maps it spreads attribution over the whole map: consider smoothing: none or a smaller kernel"
-            ]
-        return []
+            )
+        return warnings
 
     def n_trials(self) -> int:
         """How many trials the sweep runs."""
@@ -109,7 +116,8 @@ class SweepSpec(Strict):
         train = self.train.model_dump(exclude={"seed", "lr", "weight_decay"}) | {"lr": lr, "weight_decay": weight_decay}
         return TrialConfig.model_validate({
             "backbone": backbone, "loss": loss, "head": head, "seed": seed, "logit_bias": self.probe.logit_bias,
-            "data": self.data, "train": train | self.recipe_overrides(head["type"], backbone.name), "evaluate": self.evaluate,
+            "data": self.data, "features": self.features, "train": train | self.recipe_overrides(head["type"], backbone.name),
+            "evaluate": self.evaluate,
         })  # fmt: skip
 
     def recipe_overrides(self, head_type: str, backbone: str) -> dict[str, Any]:
@@ -134,6 +142,17 @@ class SweepSpec(Strict):
         for i, recipe in enumerate(self.recipes):
             schedule = self.train.model_dump(include=set(Schedule.model_fields)) | recipe.overrides()
             check_schedule(Schedule.model_construct(**schedule), self.train.epochs, f"recipes[{i}].train.")
+        return self
+
+    @model_validator(mode="after")
+    def _device_fits_resources(self) -> "SweepSpec":
+        device, gpu = self.train.device, self.resources.gpu
+        if device == "cuda" and gpu == 0:
+            raise ValueError("train.device: cuda needs resources.gpu > 0 (Ray shows a trial without GPUs none)")
+        if device == "cpu" and gpu > 0:
+            raise ValueError(
+                f"resources.gpu: each trial reserves {gpu:g} GPU that train.device: cpu leaves idle; set train.device: auto, or gpu: 0"
+            )
         return self
 
     @model_validator(mode="after")

@@ -28,13 +28,24 @@ from evaluation.gridpg import evaluate_gridpg
 from evaluation.metrics import METRICS, grid_metrics
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
+from probing.devices import check_placement, extraction_autocast, trial_device
 from probing.features import cached_features
 from probing.heads import create_head, default_logit_bias
 from probing.losses import LOSSES, probe_loss
 from probing.model import ProbedModel
 from probing.settings import Strict
 from probing.train import ProbeTrainer, TrainConfig
-from sweeps.settings import BackboneSpec, DataSpec, EvaluateSpec, HeadSpec, LogitBias, TrialTrain, check_schedule, registered
+from sweeps.settings import (
+    BackboneSpec,
+    DataSpec,
+    EvaluateSpec,
+    FeaturesSpec,
+    HeadSpec,
+    LogitBias,
+    TrialTrain,
+    check_schedule,
+    registered,
+)
 from sweeps.space import Range
 
 __all__ = ["TrialConfig", "TrialSession", "run_trial"]
@@ -52,6 +63,7 @@ class TrialConfig(Strict):
     seed: int = 0  # of the head's initial weights and the order of the train samples
     logit_bias: LogitBias = "auto"
     data: DataSpec = DataSpec()
+    features: FeaturesSpec = FeaturesSpec()
     train: TrialTrain = TrialTrain()
     evaluate: EvaluateSpec = EvaluateSpec()
 
@@ -113,25 +125,30 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def trial_inputs(config: TrialConfig, log=print):
-    """Backbone, validation split, loss and a trainer holding the head and the train inputs."""
-    data, train = config.data, config.train
-    backbone = create_backbone(config.backbone.name, log=log, **config.backbone.options())
+    """Backbone and head on the trial's device (``train.device``), validation split, loss and a
+    trainer holding the head and the train inputs (features stay on the CPU, a batch at a time
+    goes to the device)."""
+    data, train, precision = config.data, config.train, config.features.precision
+    device = trial_device(train.device)
+    backbone = create_backbone(config.backbone.name, log=log, **config.backbone.options()).to(device)
+    check_placement(backbone, device, f"backbone {config.backbone.name}")
     train_split, val = (create_dataset(data.dataset, split, **data.options()) for split in ("train", "val"))
     dtype = getattr(torch, train.feature_dtype)
-    val_features = cached_features(backbone, val, data.dataset, "val", log=log, dtype=dtype)
+    val_features = cached_features(backbone, val, data.dataset, "val", log=log, dtype=dtype, precision=precision)
     if train.augment:  # the faithful, slow path: augmented images through the frozen backbone every epoch
         train_inputs = train_split.augmented
 
         def embed(images):
-            with torch.no_grad():
-                return backbone(backbone.preprocess(images))
+            with torch.no_grad(), extraction_autocast(device, precision):
+                return backbone(backbone.preprocess(images.to(device)))
     else:
-        train_inputs, embed = cached_features(backbone, train_split, data.dataset, "train", log=log, dtype=dtype), None
+        features = cached_features(backbone, train_split, data.dataset, "train", log=log, dtype=dtype, precision=precision)
+        train_inputs, embed = features, None
     head_type, classes = config.head.type, train_split.num_classes
     loss = probe_loss(config.loss, head_type)
     bias = default_logit_bias(config.loss, classes, head_type) if config.logit_bias == "auto" else float(config.logit_bias)
     torch.manual_seed(config.seed)  # the head's initial weights
-    head = create_head(head_type, backbone.out_channels, classes, logit_bias=bias, **config.head.options())
+    head = create_head(head_type, backbone.out_channels, classes, logit_bias=bias, **config.head.options()).to(device)
     schedule = TrainConfig(**train.model_dump(include=set(TrainConfig.model_fields)))
     trainer = ProbeTrainer(head, loss, (train_inputs, train_split.labels), (val_features, val.labels), schedule, embed, config.seed)
     return backbone, val, loss, trainer
@@ -202,7 +219,9 @@ def run_trial(config: TrialConfig, tracker: Tracker, session: TrialSession | Non
     tracker.log_params(flatten(config.model_dump()))
     backbone, val, loss, trainer = trial_inputs(config, log)
     # which weights the trial used (torchvision's V1 and V2 ResNet-50 files differ)
-    tracker.set_tags({"backbone.weights_file": backbone.weights_file, "backbone.digest": backbone.digest})
+    device = next(backbone.parameters()).device
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tracker.set_tags({"backbone.weights_file": backbone.weights_file, "backbone.digest": backbone.digest, "device": f"{device} ({on})"})
     state = session.restore()
     if state is not None:
         trainer.load_state_dict(state)

@@ -182,3 +182,35 @@ def test_difull_and_dipart_explain_the_corner_cells_as_rao_et_al_unless_asked_fo
     )  # fmt: skip
     assert seen["gridpg"] == [list(range(9)) * 2]  # GridPG: every cell, whatever di_cells says
     assert seen["difull"] == seen["dipart"] == [expected * 2]
+
+
+def test_a_batch_out_of_gpu_memory_is_halved_and_retried_with_a_log_line_and_the_same_scores(trained_probe, monkeypatch):
+    """On CUDA an attribution batch may not fit: it is retried at half the size (a log line says
+    so), no grid is scored twice, and the scores are those of batches that fit."""
+    import evaluation.gridpg as gridpg
+
+    model, val = trained_probe
+    settings = dict(methods=["ixg", "gradcam"], layers=["input", "final"], grid=2, n_grids=6, confidence=0.5, metrics=("gridpg", "difull"))
+    fitting = evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, grids_per_batch=1, **settings)
+    assert fitting["grids/count"] == 6
+    explain_pairs = gridpg.explain_pairs
+
+    def small_memory(model, inputs, *args):
+        if len(inputs) > 8:  # rows: 4 per grid for GridPG on 2x2 grids; 2 grids fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield from explain_pairs(model, inputs, *args)
+
+    monkeypatch.setattr(gridpg, "explain_pairs", small_memory)
+    lines, rows = [], []
+    halved = evaluate_gridpg(
+        model, val.images, val.labels, torch.sigmoid, grids_per_batch=8, log=lines.append,
+        on_maps=lambda key, maps, cells, scores, images: rows.append((key, len(scores))), **settings,
+    )  # fmt: skip
+    assert lines == [
+        "grid attributions: out of GPU memory at 6 per batch; retrying with 4",
+        "grid attributions: out of GPU memory at 4 per batch; retrying with 2",
+    ]
+    assert halved == pytest.approx(fitting, rel=1e-5, abs=1e-6)
+    # each grid's rows reached on_maps once: 6 grids x 4 cells (GridPG) and x 2 corners (DiFull), per pair
+    assert sum(n for (setting, *_), n in rows if setting == "gridpg") == 6 * 4 * 3
+    assert sum(n for (setting, *_), n in rows if setting == "difull") == 6 * 2 * 3
