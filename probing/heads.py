@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Iterator, Literal
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
 from probing.registry import Registry, unknown_name
@@ -24,8 +27,8 @@ from probing.registry import Registry, unknown_name
 __all__ = [
     "HEADS",
     "HEAD_INPUTS",
-    "MIN_DEPTH",
     "Head",
+    "HeadOption",
     "Pointwise",
     "create_head",
     "head_options",
@@ -36,8 +39,55 @@ __all__ = [
 
 HEADS: Registry = Registry("head")
 HEAD_INPUTS = ("spatial", "pooled")
-# the fewest layers each head type can have (an MLP needs a hidden layer; a B-cos head of depth 1 is linear in form)
-MIN_DEPTH = {"mlp": 2, "bcos": 1}
+HeadInput = Literal[HEAD_INPUTS]
+# A builder's options and their bounds are its signature: create_head and the sweep spec
+# (sweeps.settings.HeadSpec) check them from there (head_options).
+Width = Annotated[int, Interval(ge=1, le=65536)]
+MaxOut = Annotated[int, Interval(ge=1)]
+BcosExponent = Annotated[float, Interval(ge=1)]
+
+
+def layers_at_least(fewest: int):
+    """Layers of a head, at least ``fewest`` (an MLP needs a hidden layer; a B-cos head of depth 1 is linear in form)."""
+    return Annotated[int, Interval(ge=fewest, le=32)]
+
+
+@dataclass(frozen=True)
+class HeadOption:
+    """One option of a head builder, from its signature: value type, default, bounds or choices."""
+
+    name: str
+    type: type
+    default: Any
+    ge: float | None = None
+    le: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def violated(self, value: Any) -> tuple[str, Any] | None:
+        """The bound ``value`` breaks, e.g. ``(">=", 2)``, or ``("in", choices)``; None if it fits."""
+        if self.choices is not None:
+            return None if value in self.choices else ("in", self.choices)
+        if self.ge is not None and value < self.ge:
+            return ">=", self.ge
+        if self.le is not None and value > self.le:
+            return "<=", self.le
+        return None
+
+
+def shown(value: Any) -> str:
+    """A value in an error message: ``10000000``, ``0.5``, ``'x'``."""
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _option(name: str, hint: Any, default: Any) -> HeadOption:
+    bounds: dict[str, float] = {}
+    if typing.get_origin(hint) is Annotated:
+        hint, *metadata = typing.get_args(hint)
+        for item in metadata:
+            bounds |= {k: getattr(item, k) for k in ("ge", "le") if getattr(item, k, None) is not None}
+    if typing.get_origin(hint) is Literal:
+        return HeadOption(name, str, default, choices=typing.get_args(hint))
+    return HeadOption(name, hint, default, **bounds)
 
 
 class Pointwise(nn.Conv2d):
@@ -100,7 +150,7 @@ def _conv1x1(cin: int, cout: int, std: float | None = None) -> Pointwise:
 
 
 @HEADS.register("linear")
-def linear(in_channels: int, num_classes: int, logit_bias: float = 0.0, input: str = "spatial") -> Head:
+def linear(in_channels: int, num_classes: int, logit_bias: float = 0.0, input: HeadInput = "spatial") -> Head:
     """One 1x1 convolution with N(0, 0.01) weights: a linear probe."""
     return Head(_conv1x1(in_channels, num_classes, std=0.01), logit_bias, input)
 
@@ -109,14 +159,12 @@ def linear(in_channels: int, num_classes: int, logit_bias: float = 0.0, input: s
 def mlp(
     in_channels: int,
     num_classes: int,
-    depth: int = 2,
-    width: int = 2048,
+    depth: layers_at_least(2) = 2,
+    width: Width = 2048,
     logit_bias: float = 0.0,
-    input: str = "spatial",
+    input: HeadInput = "spatial",
 ) -> Head:
     """Conventional MLP of ``depth`` layers: ``fc -> BN -> [ReLU -> fc -> BN] x (depth-2) -> ReLU -> fc``."""
-    if depth < MIN_DEPTH["mlp"]:
-        raise ValueError(f"mlp head depth must be >= {MIN_DEPTH['mlp']}, got {depth}")
     layers: list[nn.Module] = [_conv1x1(in_channels, width), nn.BatchNorm2d(width)]
     for _ in range(depth - 2):
         layers += [nn.ReLU(), _conv1x1(width, width), nn.BatchNorm2d(width)]
@@ -128,12 +176,12 @@ def mlp(
 def bcos_mlp(
     in_channels: int,
     num_classes: int,
-    depth: int = 2,
-    width: int = 2048,
-    bcos_b: float = 2.0,
-    max_out: int = 1,
+    depth: layers_at_least(1) = 2,
+    width: Width = 2048,
+    bcos_b: BcosExponent = 2.0,
+    max_out: MaxOut = 1,
     logit_bias: float = 0.0,
-    input: str = "spatial",
+    input: HeadInput = "spatial",
 ) -> Head:
     """B-cos MLP: ``[BcosConv 1x1 -> uncentred BN without bias] x (depth-1) -> BcosConv 1x1``.
 
@@ -144,10 +192,6 @@ def bcos_mlp(
     from bcos.modules import BcosConv2d, BatchNormUncentered2d
     from bcos.modules.norms import NoBias
 
-    if depth < MIN_DEPTH["bcos"]:
-        raise ValueError(f"bcos head depth must be >= {MIN_DEPTH['bcos']}, got {depth}")
-    if bcos_b < 1:
-        raise ValueError(f"bcos head exponent bcos_b must be >= 1, got {bcos_b}")
     widths = [in_channels] + [width] * (depth - 1) + [num_classes]
     layers: list[nn.Module] = []
     for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
@@ -175,15 +219,28 @@ def explanation_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **kwargs) -> Head:
-    """Build the registered head ``name``; ``kwargs`` are its options (:func:`head_options`) and ``logit_bias``."""
+    """Build the registered head ``name``; ``kwargs`` are its options (:func:`head_options`, checked
+    against their bounds) and ``logit_bias``."""
+    options = head_options(name)
+    for key, value in kwargs.items():
+        broken = options[key].violated(value) if key in options else None
+        if broken and broken[0] == "in":
+            raise ValueError(unknown_name(f"head {key}", value, broken[1]))
+        if broken:
+            raise ValueError(f"{name} heads need {key} {broken[0]} {shown(broken[1])}, got {shown(value)}")
     return HEADS.get(name)(in_channels, num_classes, **kwargs)
 
 
-def head_options(name: str) -> dict[str, inspect.Parameter]:
-    """The options the head ``name`` takes, read from its builder's signature: what a sweep spec may
-    set under ``probe.head`` besides ``type`` (``depth``, ``width``, ``bcos_b``, ``max_out``, ``input``)."""
-    parameters = inspect.signature(HEADS.get(name)).parameters
-    return {k: p for k, p in parameters.items() if k not in ("in_channels", "num_classes", "logit_bias")}
+def head_options(name: str) -> dict[str, HeadOption]:
+    """The options the head ``name`` takes, read from its builder's signature (names, types,
+    defaults, bounds): what a sweep spec may set under ``probe.head`` besides ``type``."""
+    builder = HEADS.get(name)
+    hints = typing.get_type_hints(builder, include_extras=True)
+    return {
+        k: _option(k, hints[k], p.default)
+        for k, p in inspect.signature(builder).parameters.items()
+        if k not in ("in_channels", "num_classes", "logit_bias")
+    }
 
 
 def list_heads(pattern: str = "*") -> list[str]:

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -31,7 +32,7 @@ from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
 from probing.datasets import DATASETS
 from probing.devices import DEVICE_SETTINGS, Precision
-from probing.heads import HEAD_INPUTS, HEADS, MIN_DEPTH, head_options
+from probing.heads import HEADS, head_options, shown
 from probing.losses import LOSSES
 from probing.registry import Registry, unknown_name
 from probing.settings import Strict, at_most
@@ -127,29 +128,32 @@ class DataSpec(Strict):
         return self.model_dump(exclude={"dataset"}, exclude_none=True, exclude_defaults=True)
 
 
-class HeadSpec(Strict):
-    """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``, ``{type: bcos, depth: 2, bcos_b: 2.5}``."""
+class _Head(Strict):
+    """One point on the head axis: ``{type: mlp, depth: 2, width: 256}``, ``{type: bcos, depth: 2, bcos_b: 2.5}``.
+    Its options are the head builders' parameters (:data:`HeadSpec` is made from their signatures)."""
 
     type: registered(HEADS)
-    depth: searchable(int, le=32) | None = None
-    width: searchable(int, ge=1, le=65536) | None = None
-    bcos_b: searchable(float, ge=1) | None = None
-    max_out: searchable(int, ge=1) | None = None
-    input: Literal[HEAD_INPUTS] | None = None  # default spatial: pool after the head
 
-    @field_validator("depth", "width", "bcos_b", "max_out", "input")
+    @field_validator("*")
     @classmethod
     def _options_fit_type(cls, v, info: ValidationInfo):
         head_type = info.data.get("type")
-        if v is None or head_type is None:
+        if info.field_name == "type" or v is None or head_type is None:
             return v
-        if info.field_name not in head_options(head_type):
+        options = head_options(head_type)
+        if info.field_name not in options:
             takes = [h for h in HEADS.names() if info.field_name in head_options(h)]
             raise ValueError(f"applies to {' and '.join(takes)} heads only, not to {head_type!r}")
-        minimum = MIN_DEPTH.get(head_type, 1)
-        lowest = v.low if isinstance(v, Range) else v
-        if info.field_name == "depth" and lowest < minimum:
-            raise ValueError(f"{head_type} heads need depth >= {minimum}, got {lowest:g}")
+        name = info.field_name
+        # a bound that other heads taking the option do not share is named with the head type
+        ends = {"low ": v.low, "high ": v.high} if isinstance(v, Range) else {"": v}
+        for end, value in ends.items():
+            broken = options[name].violated(value)
+            bound = "ge" if broken and broken[0] == ">=" else "le"
+            if broken and len({getattr(o, bound) for h in HEADS.names() for k, o in head_options(h).items() if k == name}) > 1:
+                raise ValueError(f"{head_type} heads need {name} {broken[0]} {shown(broken[1])}, got {shown(value)}")
+            if broken:
+                raise ValueError(f"{end}must be {broken[0]} {shown(broken[1])}, got {shown(value)}")
         return v
 
     def options(self) -> dict[str, Any]:
@@ -165,9 +169,24 @@ class HeadSpec(Strict):
         return head_label(self.model_dump(exclude_none=True))
 
 
+def _head_fields() -> dict[str, Any]:
+    """Every head builder's option as an optional spec field: a value or a range of it, or one of
+    its choices. The bounds are the trial's head's own, checked by :class:`_Head`."""
+    fields: dict[str, Any] = {}
+    for name in HEADS.names():
+        for option in head_options(name).values():
+            kind = Literal[option.choices] if option.choices is not None else searchable(option.type)
+            fields.setdefault(option.name, (kind | None, None))
+    return dict(sorted(fields.items(), key=lambda item: _OPTION_ORDER.get(item[0], len(_OPTION_ORDER))))
+
+
+_OPTION_ORDER = {"depth": 0, "width": 1, "bcos_b": 2, "max_out": 3, "input": 4}  # as specs write them
+HeadSpec = create_model("HeadSpec", __base__=_Head, __module__=__name__, **_head_fields())
+
+
 def integer_option(head_type: str, option: str) -> bool:
     """Whether the head builder's ``option`` is an integer (a range of it draws integers)."""
-    return head_options(head_type)[option].annotation in (int, "int")
+    return head_options(head_type)[option].type is int
 
 
 def head_label(head: dict[str, Any]) -> str:

@@ -86,10 +86,42 @@ def test_pooled_input_equals_spatial_for_a_linear_head_but_not_for_an_mlp():
 def test_bcos_head_has_no_bias_and_checks_its_options():
     head = create_head("bcos", 8, 3, depth=3, width=4)
     assert not any("bias" in name for name, _ in head.named_parameters())
-    with pytest.raises(ValueError, match="exponent bcos_b must be >= 1, got 0.5"):
+    # the bounds are the builders' signatures (probing.heads.head_options), checked by create_head
+    with pytest.raises(ValueError, match="bcos heads need bcos_b >= 1, got 0.5"):
         create_head("bcos", 8, 3, bcos_b=0.5)
-    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="bcos heads need depth >= 1, got 0"):
         create_head("bcos", 8, 3, depth=0)
+    with pytest.raises(ValueError, match="mlp heads need depth >= 2, got 1"):
+        create_head("mlp", 8, 3, depth=1)
+    with pytest.raises(ValueError, match="mlp heads need width <= 65536, got 100000"):
+        create_head("mlp", 8, 3, width=100_000)
+
+
+def test_the_spec_takes_each_head_option_from_the_builders_signatures(monkeypatch):
+    """HeadSpec's fields are the builders' parameters: a new head's option is a spec key, checked
+    against that head's own bounds, with no second definition."""
+    from typing import Annotated
+
+    from annotated_types import Interval
+
+    from probing.heads import HEADS, head_options
+    from sweeps.settings import HeadSpec
+
+    assert set(HeadSpec.model_fields) == {"type"} | {o for h in HEADS.names() for o in head_options(h)}
+    assert head_options("bcos")["bcos_b"].ge == 1 and head_options("mlp")["depth"].ge == 2
+    assert head_options("bcos")["max_out"].type is int and head_options("linear")["input"].choices == ("spatial", "pooled")
+
+    def wide(in_channels, num_classes, logit_bias: float = 0.0, width: Annotated[int, Interval(ge=16)] = 32):
+        return create_head("linear", in_channels, num_classes, logit_bias=logit_bias)
+
+    monkeypatch.setitem(HEADS._entries, "wide", wide)
+    with pytest.raises(ValueError, match="wide heads need width >= 16, got 8"):
+        create_head("wide", 8, 3, width=8)
+    # an option's bound that other heads do not share is named with the head type in the spec too
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="wide heads need width >= 16, got 8"):
+        HeadSpec(type="wide", width=8)
 
 
 def test_logit_bias_defaults_and_an_explicit_zero():
