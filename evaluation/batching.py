@@ -1,11 +1,14 @@
 """Attribution batches sized to the device: a batch that runs out of GPU memory is halved and
-retried (with a log line) instead of failing the trial after its probe was trained."""
+retried (with a log line) instead of failing the trial after its probe was trained; each batch
+runs in exact float32 (no TF32 on the GPU), as on the CPU."""
 
 from __future__ import annotations
 
 from typing import Callable, Iterator, TypeVar
 
 import torch
+
+from probing.devices import exact_float32
 
 __all__ = ["halving_batches"]
 
@@ -23,7 +26,8 @@ def halving_batches(
     while start < n:
         stop = min(start + size, n)
         try:
-            result = run(start, stop)
+            with exact_float32():
+                result = run(start, stop)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise

@@ -6,7 +6,33 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GridSet", "build_grids", "confident_mask"]
+__all__ = ["GridImages", "GridSet", "build_grids", "confident_mask"]
+
+
+class GridImages:
+    """(G, C, n*H, n*W) grid images, composed from the split's images when indexed: a batch of
+    grids is in memory, never all of them (500 grids of 448 px would be 1.2 GB)."""
+
+    def __init__(self, images, picks: torch.Tensor, grid: int):
+        self.source, self.picks, self.grid = images, picks, grid  # picks: (G, n*n) image index per cell
+        _, self.channels, self.height, self.width = images.shape
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.picks), self.channels, self.grid * self.height, self.grid * self.width)
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """A slice (or index tensor) of grids -> (B, C, n*H, n*W); an int -> (C, n*H, n*W)."""
+        picks = self.picks[index]
+        single = picks.dim() == 1
+        picks = picks.reshape(-1, self.grid * self.grid)
+        n, c, h, w = self.grid, self.channels, self.height, self.width
+        tiles = self.source[picks.flatten()].reshape(len(picks), n, n, c, h, w)
+        grids = tiles.permute(0, 3, 1, 4, 2, 5).reshape(len(picks), c, n * h, n * w)
+        return grids[0] if single else grids
 
 
 @dataclass(frozen=True)
@@ -14,7 +40,7 @@ class GridSet:
     """Grids and what could not be built.
 
     Attributes:
-        images (Tensor): (G, C, n*H, n*W) grid images.
+        images (GridImages): (G, C, n*H, n*W) grid images, composed when indexed.
         classes (Tensor): (G, n*n) class of each cell, row-major.
         grid (int): n.
         n_confident (int): images that passed the confidence filter.
@@ -56,15 +82,13 @@ def build_grids(
     pools = {c: idx for c, idx in pools.items() if len(idx)}
     available = torch.tensor(sorted(pools))
     cells = grid * grid
-    _, channels, height, width = images.shape
     if len(available) < cells:
-        empty = torch.zeros((0, channels, grid * height, grid * width))  # images may be a lazy file list
-        return GridSet(empty, torch.zeros(0, cells, dtype=torch.int64), grid, int(confident.sum()), n_grids)
-    grid_images, grid_classes = [], []
+        none = torch.zeros(0, cells, dtype=torch.int64)
+        return GridSet(GridImages(images, none, grid), none, grid, int(confident.sum()), n_grids)
+    grid_picks, grid_classes = [], []
     for _ in range(n_grids):
         classes = available[torch.randperm(len(available), generator=generator)[:cells]]
         picks = [pools[int(c)][torch.randint(len(pools[int(c)]), (1,), generator=generator)] for c in classes]
-        tiles = images[torch.cat(picks)].reshape(grid, grid, channels, height, width)
-        grid_images.append(tiles.permute(2, 0, 3, 1, 4).reshape(channels, grid * height, grid * width))
+        grid_picks.append(torch.cat(picks))
         grid_classes.append(classes)
-    return GridSet(torch.stack(grid_images), torch.stack(grid_classes), grid, int(confident.sum()), n_grids)
+    return GridSet(GridImages(images, torch.stack(grid_picks), grid), torch.stack(grid_classes), grid, int(confident.sum()), n_grids)

@@ -8,13 +8,15 @@ GPUs; a fractional GPU, ``gpu: 0.25``, is one device the trials share), so insid
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
-from typing import Literal
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["DEVICE_SETTINGS", "PRECISIONS", "Precision", "check_placement", "extraction_autocast", "trial_device"]
+__all__ = [
+    "DEVICE_SETTINGS", "PRECISIONS", "Precision", "check_placement", "exact_float32", "extraction_autocast", "trial_device",
+]  # fmt: skip
 
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -56,3 +58,16 @@ def extraction_autocast(device: torch.device, precision: str):
     if precision == "float32":
         return nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """No TF32 inside: cuDNN's convolutions run in TF32 (a 10-bit mantissa) on Ampere and newer GPUs
+    by default, so attributions would not be the float32 maps the CPU gives. The flags are put back
+    as they were, also when the block raises; on the CPU they change nothing."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -2,13 +2,15 @@
 and the spec checks that keep a GPU from idling. The CUDA tests run where a GPU is visible (the
 ``device`` machines) and skip elsewhere; the rest run everywhere."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from evaluation.attribution import create_method, list_methods
 from evaluation.attribution.common import model_traits
-from probing.devices import check_placement, extraction_autocast, trial_device
+from probing.devices import check_placement, exact_float32, extraction_autocast, trial_device
 from probing.embedded_backbones import tiny_bcos_resnet, tiny_resnet
 from probing.features import compute_features, feature_cache_path
 from probing.heads import create_head
@@ -88,46 +90,72 @@ def test_bfloat16_extraction_is_close_to_float32_and_cached_apart_from_it():
 
 @CUDA
 @pytest.mark.parametrize("backbone_name", ["cnn", "bcos"])
-def test_every_method_at_every_layer_gives_on_cuda_the_maps_it_gives_on_the_cpu(backbone_name):
-    """Batched attributions on the GPU (several images and targets per call) equal the CPU's."""
+def test_every_method_at_every_layer_gives_on_cuda_the_cpus_float64_maps(backbone_name):
+    """Batched attributions on the GPU (several images and targets per call, float32, no TF32)
+    equal the CPU's float64 reference within 1e-4 of the map's scale."""
     torch.manual_seed(0)
     backbone = {"cnn": tiny_resnet, "bcos": tiny_bcos_resnet}[backbone_name]()
-    head = create_head("linear", backbone.out_channels, 10)
-    model = ProbedModel(backbone, head).eval().requires_grad_(False)
-    images, targets = torch.rand(4, 3, 32, 32), torch.tensor([1, 3, 5, 7])
-    cheap = {"intgrad": {"n_steps": 4}, "lime": {"num_samples": 16, "batch_size": 16}}
+    reference = ProbedModel(backbone, create_head("linear", backbone.out_channels, 10)).eval().requires_grad_(False).double()
     cuda = torch.device("cuda")
+    on_gpu = copy.deepcopy(reference).float().to(cuda)
+    images, targets = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3, 5, 7])
+    cheap = {"intgrad": {"n_steps": 4}, "lime": {"num_samples": 16, "batch_size": 16}}
     for method in list_methods():
         attribution = create_method(method)
-        if attribution.refusal(model_traits(model)):
+        if attribution.refusal(model_traits(reference)):
             continue
         for layer in attribution.layers:
             options = cheap.get(method, {}) | ({"probabilities": torch.sigmoid} if attribution.uses_probabilities else {})
-            on_cpu = attribution(model, model.preprocess(images), targets, layer=layer, **options)
-            model.to(cuda)
-            try:
-                on_gpu = attribution(model, model.preprocess(images.to(cuda)), targets.to(cuda), layer=layer, **options)
-            finally:
-                model.cpu()
-            assert on_gpu.device.type == "cuda", (method, layer)
-            scale = on_cpu.abs().max().item() + 1e-12
-            assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3 * scale, rtol=1e-3), (method, layer)
+            expected = attribution(reference, reference.preprocess(images), targets, layer=layer, **options)
+            with exact_float32():
+                maps = attribution(on_gpu, on_gpu.preprocess(images.float().to(cuda)), targets.to(cuda), layer=layer, **options)
+            assert maps.device.type == "cuda", (method, layer)
+            scale = expected.abs().max().item() + 1e-12
+            assert torch.allclose(maps.double().cpu(), expected, atol=1e-4 * scale, rtol=0), (method, layer)
 
 
 @CUDA
-def test_a_trial_trains_explains_and_scores_on_the_gpu_as_on_the_cpu(tmp_path):
-    """A short demo trial on ``train.device: cuda``: the backbone and the head on the GPU, the same
-    accuracy and scores as the same trial on the CPU up to float rounding."""
+def test_a_trial_trains_explains_and_scores_on_the_gpu_as_on_the_cpu(tmp_path, monkeypatch):
+    """A short demo trial on ``train.device: cuda``: every activation of the backbone and the head
+    is on the GPU, and accuracy and scores are those of the same trial on the CPU up to rounding."""
+    import sweeps.trial
     from sweeps.folder_tracker import FolderTracker
     from sweeps.spec import DEMO_SPEC, load_spec
     from sweeps.trial import run_trial
 
+    devices, trial_inputs = set(), sweeps.trial.trial_inputs
+
+    def watched(config, log=print):  # record the device of every module's output
+        backbone, val, loss, trainer = trial_inputs(config, log)
+        for module in [*backbone.modules(), *trainer.head.modules()]:
+            module.register_forward_hook(lambda m, args, out: devices.add(out.device.type) if torch.is_tensor(out) else None)
+        return backbone, val, loss, trainer
+
+    monkeypatch.setattr(sweeps.trial, "trial_inputs", watched)
     base = load_spec(DEMO_SPEC).trials()[0]
     results = {}
     for device in ("cpu", "cuda"):
+        devices.clear()
         trial = base.model_copy(update={"train": base.train.model_copy(update={"device": device, "epochs": 5})})
         tracker = FolderTracker(tmp_path / device)
         results[device] = run_trial(trial, tracker)
-        assert tracker.tags["device"].startswith(device)
+        assert tracker.tags["device"].startswith(device) and devices == {device}
     scores = [k for k in results["cpu"] if k.startswith("gridpg/") or k.startswith("val/")]
     assert scores and {k: results["cuda"][k] for k in scores} == pytest.approx({k: results["cpu"][k] for k in scores}, abs=0.02)
+
+
+def test_attribution_batches_run_without_tf32_and_the_flags_are_put_back_also_after_an_error():
+    from evaluation.batching import halving_batches
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        seen = list(halving_batches(3, 2, lambda start, stop: (start, stop, flags()), "test"))
+        assert seen == [(0, 2, (False, False)), (2, 3, (False, False))] and flags() == (True, True)
+        with pytest.raises(KeyError):
+            with exact_float32():
+                raise KeyError("inside")
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

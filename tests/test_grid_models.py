@@ -164,7 +164,7 @@ def _grid_rows(model, val, grid, n_grids, setting="gridpg"):
     confident = confident_mask(predict_probabilities(model, val.images, lambda z: z.softmax(dim=1)), val.labels, 0.5)
     grids = build_grids(val.images, val.labels, confident, grid, n_grids, 0)
     cells = torch.arange(grid * grid) if setting == "gridpg" else torch.tensor([0, grid * grid - 1])
-    inputs = model.preprocess(grids.images).repeat_interleave(len(cells), dim=0)
+    inputs = model.preprocess(grids.images[:]).repeat_interleave(len(cells), dim=0)
     return inputs, grids.classes[:, cells].flatten(), cells.repeat(len(grids))
 
 

@@ -39,7 +39,7 @@ def test_same_seed_same_grids_other_seed_other_grids():
     a = build_grids(images, labels, confident, 2, 10, seed=0)
     b = build_grids(images, labels, confident, 2, 10, seed=0)
     c = build_grids(images, labels, confident, 2, 10, seed=1)
-    assert torch.equal(a.images, b.images) and torch.equal(a.classes, b.classes)
+    assert torch.equal(a.images[:], b.images[:]) and torch.equal(a.classes, b.classes)
     assert not torch.equal(a.classes, c.classes)
 
 
@@ -48,3 +48,27 @@ def test_too_few_confident_classes_gives_no_grid_and_says_so():
     confident = labels < 3  # only 3 classes for 4 cells
     grids = build_grids(images, labels, confident, 2, 7)
     assert len(grids) == 0 and grids.n_requested == 7 and grids.n_confident == 9
+
+
+def test_grid_images_are_composed_when_indexed_from_only_the_images_they_show():
+    """A batch of grids reads its own tiles and nothing else: the split is never held whole."""
+    images, labels = _tiles()
+
+    class Counted:
+        shape = images.shape
+
+        def __init__(self):
+            self.read = set()
+
+        def __getitem__(self, index):
+            self.read |= set(index.tolist())
+            return images[index]
+
+    source = Counted()
+    grids = build_grids(source, labels, torch.ones(len(labels), dtype=torch.bool), grid=2, n_grids=10, seed=4)
+    assert source.read == set()  # building draws indices only
+    batch = grids.images[2:5]
+    assert batch.shape == (3, 1, 8, 8) and source.read == set(grids.images.picks[2:5].flatten().tolist())
+    assert torch.equal(grids.images[3], batch[1])
+    eager = build_grids(images, labels, torch.ones(len(labels), dtype=torch.bool), grid=2, n_grids=10, seed=4)
+    assert torch.equal(eager.images[:], torch.stack(list(grids.images)))
