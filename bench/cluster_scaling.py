@@ -80,10 +80,10 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=ROOT / "sweeps" / "configs" / "demo.yaml")
     args = parser.parse_args()
 
-    from sweeps.runner import prepare_caches
+    from sweeps.extraction import extract_features_here
     from sweeps.spec import load_spec
 
-    prepare_caches(load_spec(args.spec), log=lambda line: None)  # both clusters read warm caches
+    extract_features_here(load_spec(args.spec), log=lambda line: None)  # both clusters read warm caches
     results = {}
     for label, cpus in (("one node, 2 CPUs (baseline)", [2]), ("two nodes, 1 CPU each", [1, 1])):
         with tempfile.TemporaryDirectory(prefix="scaling-") as folder:

@@ -147,9 +147,9 @@ def main() -> None:
         print(f"plain loop, of which saving files: {seconds:.3f} {saving:.3f}")
         return
 
-    from sweeps.runner import prepare_caches
+    from sweeps.extraction import extract_features_here
 
-    prepare_caches(spec, log=lambda line: None)  # both sides read warm caches
+    extract_features_here(spec, log=lambda line: None)  # both sides read warm caches
 
     # the plain loop before and after the service, averaged: this shared machine drifts by 10-20%
     # over minutes, and a drift would otherwise count as overhead (or hide it)

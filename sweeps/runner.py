@@ -50,26 +50,20 @@ class SweepOutcome:
 
 
 def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
-    """Pre-train (first use) each backbone and cache its features for both splits."""
+    """Before Ray starts: read the data set (one-line errors), and pre-train each embedded backbone
+    at its first use. The features are extracted on the cluster once Ray is up (``sweeps.extraction``)."""
     from probing.backbones import create_backbone
     from probing.datasets import create_dataset
-    from probing.devices import trial_device
-    from probing.features import cached_features
 
-    dataset, dtype = spec.data.dataset, getattr(torch, spec.train.feature_dtype)
+    dataset = spec.data.dataset
     splits = {name: create_dataset(dataset, name, **spec.data.options()) for name in ("train", "val")}
     if splits["train"].num_classes < 2:
         raise ValueError(f"data set {dataset!r} has {splits['train'].num_classes} class: a probe needs at least 2")
     for name, split in splits.items():
         if split.skipped:
             log(f"{dataset}/{name}: skipped {split.skipped} unreadable images (skip_corrupt)")
-    # the driver's own GPU if it has one and the trials may use theirs (the features are the same up to float rounding)
-    device = trial_device("cpu" if spec.train.device == "cpu" else "auto")
     for entry in spec.backbones:
-        backbone = create_backbone(entry.name, log=log, **entry.options()).to(device)
-        for name, split in splits.items():
-            if name == "val" or not spec.train.augment:
-                cached_features(backbone, split, dataset, name, log=log, dtype=dtype, precision=spec.features.precision)
+        create_backbone(entry.name, log=log, **entry.options())
 
 
 def trial_param_space(runtime: dict) -> dict:
@@ -344,6 +338,8 @@ def _drive(
     """
     import ray
 
+    from sweeps.extraction import extract_features
+
     log(f"Ray's own messages go to {log_file}")
     ended_by = "fit"  # or "interrupt" (a second Ctrl-C, while Ray Tune was saving its state), "error"
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as pool:
@@ -376,6 +372,7 @@ def _drive(
                     else:  # found again and stopped by `resume` if this driver is killed
                         record_processes(log_file.parent)
                     reroute()
+                    extract_features(spec, log)  # every shard the trials read, on the cluster, before they start
                     make_tuner(tracking.result()).fit()
                 finally:
                     ray.shutdown()

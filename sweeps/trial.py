@@ -126,15 +126,17 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def trial_inputs(config: TrialConfig, log=print):
     """Backbone and head on the trial's device (``train.device``), validation split, loss and a
-    trainer holding the head and the train inputs (features stay on the CPU, a batch at a time
-    goes to the device)."""
+    trainer holding the head and the train inputs (memory-mapped feature shards: a batch at a time
+    is read and goes to the device)."""
     data, train, precision = config.data, config.train, config.features.precision
     device = trial_device(train.device)
     backbone = create_backbone(config.backbone.name, log=log, **config.backbone.options()).to(device)
     check_placement(backbone, device, f"backbone {config.backbone.name}")
     train_split, val = (create_dataset(data.dataset, split, **data.options()) for split in ("train", "val"))
     dtype = getattr(torch, train.feature_dtype)
-    val_features = cached_features(backbone, val, data.dataset, "val", log=log, dtype=dtype, precision=precision)
+    # read from the cache the sweep's driver built and verified (sizes checked here, not every checksum)
+    cached = {"log": log, "dtype": dtype, "precision": precision, "verify": False}
+    val_features = cached_features(backbone, val, data.dataset, "val", **cached)
     if train.augment:  # the faithful, slow path: augmented images through the frozen backbone every epoch
         train_inputs = train_split.augmented
 
@@ -142,8 +144,7 @@ def trial_inputs(config: TrialConfig, log=print):
             with torch.no_grad(), extraction_autocast(device, precision):
                 return backbone(backbone.preprocess(images.to(device)))
     else:
-        features = cached_features(backbone, train_split, data.dataset, "train", log=log, dtype=dtype, precision=precision)
-        train_inputs, embed = features, None
+        train_inputs, embed = cached_features(backbone, train_split, data.dataset, "train", **cached), None
     head_type, classes = config.head.type, train_split.num_classes
     loss = probe_loss(config.loss, head_type)
     bias = default_logit_bias(config.loss, classes, head_type) if config.logit_bias == "auto" else float(config.logit_bias)

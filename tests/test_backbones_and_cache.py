@@ -1,5 +1,6 @@
 """Embedded data, the pre-trained backbone cache and the feature cache."""
 
+import json
 import os
 import subprocess
 import sys
@@ -81,42 +82,60 @@ def _untrained_backbone():
     return backbone
 
 
-def test_feature_cache_computes_once_and_rebuilds_a_truncated_or_corrupted_file():
-    backbone, split = _untrained_backbone(), _tiny_split()
+def test_feature_cache_computes_once_and_rebuilds_a_truncated_or_corrupted_shard_alone():
+    backbone, split = _untrained_backbone(), _tiny_split(10)
     log = []
-    features = cached_features(backbone, split, "tiny", "train", log=log.append)
-    assert features.shape == (6, 64, 8, 8) and any("computing" in m for m in log)
-    path = feature_cache_path(backbone, split, "tiny", "train", torch.float32)
-    assert path.is_file() and "test_resnet-abc123" in str(path)
+    features = cached_features(backbone, split, "tiny", "train", log=log.append, shard_rows=4)
+    assert features.shape == (10, 64, 8, 8) and any("computing" in m and "3 of 3 shards" in m for m in log)
+    folder = feature_cache_path(backbone, split, "tiny", "train", torch.float32)
+    assert "test_resnet-abc123" in str(folder) and sorted(p.name for p in folder.glob("*.npy")) == [f"shard-0000{i}.npy" for i in range(3)]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["backbone_digest"] == "abc123" and manifest["dtype"] == "float32" and manifest["layer"] == "final"
+    assert [s["rows"] for s in manifest["shards"]] == [[0, 4], [4, 8], [8, 10]] and manifest["row_shape"] == [64, 8, 8]
+    expected = compute_features(backbone, split.images)
+    assert torch.equal(features[:], expected)
 
     log.clear()
     again = cached_features(backbone, split, "tiny", "train", log=log.append)
-    assert log == [] and torch.equal(again, features)
-
-    size = path.stat().st_size
-    with open(path, "r+b") as f:  # truncate: a crash mid-write on a non-atomic store
+    assert log == [] and torch.equal(again[:], expected)
+    shard = folder / "shard-00001.npy"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # truncate: a crash mid-write on a non-atomic store
         f.truncate(size // 2)
     log.clear()
-    rebuilt = cached_features(backbone, split, "tiny", "train", log=log.append)
-    assert any("unreadable" in m for m in log) and torch.equal(rebuilt, features)
-    assert path.stat().st_size == size and not list(path.parent.glob("*.tmp*"))
+    rebuilt = cached_features(backbone, split, "tiny", "train", log=log.append, verify=False)  # a reader: sizes only
+    assert any("1 of 3 shards" in m for m in log) and torch.equal(rebuilt[:], expected)
+    assert shard.stat().st_size == size and not list(folder.glob("*.tmp*"))
 
-    raw = bytearray(path.read_bytes())  # flip bytes inside the tensor data: the file still loads
-    where = raw.find(features[3].numpy().tobytes()[:64])
+    raw = bytearray(shard.read_bytes())  # flip bytes inside the data: the shard still loads, at its size
+    where = raw.find(expected[5].numpy().tobytes()[:64])
     assert where > 0
     raw[where : where + 8] = b"\xff" * 8  # (post-ReLU features are often exactly 0)
-    path.write_bytes(bytes(raw))
+    shard.write_bytes(bytes(raw))
+    untouched = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.npy") if p != shard}
     log.clear()
-    rebuilt = cached_features(backbone, split, "tiny", "train", log=log.append)
-    assert any("checksum" in m for m in log) and torch.equal(rebuilt, features)
+    rebuilt = cached_features(backbone, split, "tiny", "train", log=log.append)  # verify: every checksum
+    assert any("fails its checksum" in m for m in log) and any("1 of 3 shards" in m for m in log)
+    assert torch.equal(rebuilt[:], expected)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.npy") if p != shard} == untouched  # rebuilt alone
 
 
-def test_feature_cache_in_float16_is_a_separate_half_size_file():
+def test_sharded_features_index_like_the_tensor_they_hold():
+    backbone, split = _untrained_backbone(), _tiny_split(10)
+    features = cached_features(backbone, split, "tiny", "train", log=lambda m: None, shard_rows=3)
+    expected = compute_features(backbone, split.images)
+    order = torch.tensor([9, 0, 4, 3, 3, 7])  # across shards, unsorted, repeated: as a shuffled batch
+    assert torch.equal(features[order], expected[order]) and torch.equal(features[2:8], expected[2:8])
+    assert torch.equal(features[5], expected[5]) and len(features) == 10 and features.dtype == torch.float32
+
+
+def test_feature_cache_in_float16_is_a_separate_half_size_cache():
     backbone, split = _untrained_backbone(), _tiny_split()
     full = cached_features(backbone, split, "tiny", "train", log=lambda m: None)
     half = cached_features(backbone, split, "tiny", "train", log=lambda m: None, dtype=torch.float16)
-    assert half.dtype == torch.float16 and torch.allclose(half.float(), full, rtol=1e-3, atol=1e-3)
-    sizes = [feature_cache_path(backbone, split, "tiny", "train", d).stat().st_size for d in (torch.float32, torch.float16)]
+    assert half.dtype == torch.float16 and torch.allclose(half[:].float(), full[:], rtol=1e-3, atol=1e-3)
+    folders = [feature_cache_path(backbone, split, "tiny", "train", d) for d in (torch.float32, torch.float16)]
+    sizes = [sum(f.stat().st_size for f in folder.glob("*.npy")) for folder in folders]
     assert sizes[1] < 0.6 * sizes[0]
 
 
@@ -126,9 +145,9 @@ def test_feature_cache_keeps_splits_of_one_name_apart():
     assert len(cached_features(backbone, six, "tiny", "val", log=lambda m: None)) == 6
     log = []
     assert len(cached_features(backbone, four, "tiny", "val", log=log.append)) == 4
-    assert any("computing" in m for m in log)  # its own file, not the other split's
-    paths = {feature_cache_path(backbone, s, "tiny", "val", torch.float32) for s in (six, four)}
-    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert any("computing" in m for m in log)  # its own cache, not the other split's
+    folders = {feature_cache_path(backbone, s, "tiny", "val", torch.float32) for s in (six, four)}
+    assert len(folders) == 2 and all((f / "manifest.json").is_file() for f in folders)
 
 
 CACHE_WORKER = """

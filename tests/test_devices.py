@@ -84,8 +84,8 @@ def test_bfloat16_extraction_is_close_to_float32_and_cached_apart_from_it():
         transform, fingerprint = "center", "abc"
 
     paths = {p: feature_cache_path(backbone, FakeSplit(), "digits", "val", torch.float32, p) for p in ("float32", "bfloat16")}
-    assert paths["float32"].name == "digits-val-center-float32-abc.pt"  # float32 files keep their names
-    assert paths["bfloat16"].name == "digits-val-center-float32-autocast_bfloat16-abc.pt"
+    assert paths["float32"].name == "digits-val-center-float32-abc"  # float32 caches keep their names
+    assert paths["bfloat16"].name == "digits-val-center-float32-autocast_bfloat16-abc"
 
 
 @CUDA

@@ -28,8 +28,9 @@ def _with(path: str, value):
     return data
 
 
-def _refused(args, workdir: Path, capsys) -> str:
-    """Run the CLI in ``workdir``; assert exit 2, no traceback, nothing started or written; its stderr."""
+def _refused(args, workdir: Path, capsys, writes: bool = False) -> str:
+    """Run the CLI in ``workdir``; assert exit 2, no traceback, nothing started, nothing written
+    (unless ``writes``: then no trial ran); its stderr."""
     before = sorted(workdir.rglob("*"))
     cwd = Path.cwd()
     os.chdir(workdir)
@@ -40,7 +41,13 @@ def _refused(args, workdir: Path, capsys) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    assert sorted(workdir.rglob("*")) == before  # no mlflow.db, no ray_results, no reports
+    if writes:  # the sweep's own run exists, FAILED, and no trial ran
+        from mlflow import MlflowClient
+
+        runs = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_runs(["1"])
+        assert [r.info.status for r in runs] == ["FAILED"] and "mlflow.parentRunId" not in runs[0].data.tags
+    else:
+        assert sorted(workdir.rglob("*")) == before  # no mlflow.db, no ray_results, no reports
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     return err
 
@@ -374,8 +381,11 @@ def test_bad_data_and_weights_files_are_one_line_before_ray_starts(tmp_path, cap
         "evaluate": {"methods": ["ixg"], "layers": ["input"], "metrics": ["epg" if multilabel else "gridpg"]},
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    *progress, err = _refused(["run", tmp_path / "spec.yaml"], work, capsys).strip().splitlines()
-    assert all(line.startswith(("warning: ", "computing ", "  features")) for line in progress)  # before the error
+    # an image only a decode finds: the error comes from the extraction on the cluster, before any trial
+    on_cluster = case == "a corrupt image"
+    *progress, err = _refused(["run", tmp_path / "spec.yaml"], work, capsys, writes=on_cluster).strip().splitlines()
+    if not on_cluster:  # before the error: only warnings and the backbones' pre-training
+        assert all(line.startswith(("warning: ", "computing ", "  features")) for line in progress), progress
     if message is None:
         assert err.startswith(f"probesweep: cannot load checkpoint {weights_file}") or err.startswith(
             f"probesweep: checkpoint {weights_file} (torchvision format) does not fit the backbone: "

@@ -172,3 +172,24 @@ def test_a_last_batch_of_one_sample_is_folded_into_the_one_before(head_name):
     for _ in range(2):
         metrics = trainer.run_epoch()  # a batch of one would fail (mlp) or divide by sqrt(eps) (bcos)
     assert all(math.isfinite(v) for v in metrics.values()) and trainer.steps_per_epoch == 2
+
+
+def test_training_from_the_memory_mapped_shards_equals_training_from_the_tensor():
+    """Shuffled batches gathered across shards give the probe what the in-memory tensor gives."""
+    from probing.backbones import create_backbone
+    from probing.datasets import create_dataset
+    from probing.features import cached_features
+
+    backbone = create_backbone("tiny_resnet_sup", log=lambda m: None)
+    train, val = create_dataset("digits", "train"), create_dataset("digits", "val")
+    sharded = {s: cached_features(backbone, d, "digits", s, log=lambda m: None, shard_rows=100) for s, d in (("train", train), ("val", val))}
+    results = []
+    for source in ("shards", "tensor"):
+        features = sharded if source == "shards" else {s: f[:] for s, f in sharded.items()}
+        torch.manual_seed(0)
+        head = create_head("mlp", backbone.out_channels, 10, depth=2, width=32)
+        trainer = ProbeTrainer(head, create_loss("ce"), (features["train"], train.labels), (features["val"], val.labels),
+                               TrainConfig(epochs=3, lr=1e-2, batch_size=64), seed=3)  # fmt: skip
+        results.append([trainer.run_epoch() for _ in range(3)])
+    for from_shards, from_tensor in zip(*results):
+        assert from_shards == pytest.approx(from_tensor, rel=1e-6, abs=1e-6)

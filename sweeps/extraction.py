@@ -1,0 +1,170 @@
+"""Feature extraction on the cluster, before any trial starts: Ray Data computes the missing shards
+of every backbone's features (:mod:`probing.features`).
+
+One pipeline for all backbones and splits: shard ids -> decode and transform the shard's images in
+an actor pool (each actor holds the splits' file lists once) -> the backbone in an actor pool of its
+own (on a GPU each when the spec gives trials GPUs) that writes each shard where every node sees it
+(``$PROBESWEEP_CACHE``). The driver holds every cache folder's lock meanwhile, so a second sweep
+needing the same features waits for this extraction instead of repeating it, then finds it
+complete; an interrupted extraction leaves its finished shards, and the next one computes only the
+missing ones (and those that fail their checksum).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from probing.backbones import create_backbone
+from probing.datasets import create_dataset
+from probing.devices import trial_device
+from probing.features import FeatureJob, cached_features, compute_features, feature_cache_path, features_lock, plan_features
+from probing.shards import write_shard
+from sweeps.spec import SweepSpec
+
+__all__ = ["extract_features", "extract_features_here"]
+
+
+class _DecodeShards:
+    """Ray Data actor: a shard id -> its images, decoded and transformed (float32 in [0, 1])."""
+
+    def __init__(self, jobs: list[dict[str, Any]], images: dict[str, Any]):
+        self.jobs, self.images = jobs, images
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        job = self.jobs[int(batch["job"][0])]
+        start, stop = job["rows"][int(batch["shard"][0])]
+        try:
+            images = self.images[job["split"]][start:stop].numpy()[None]
+        except (ValueError, OSError) as err:  # bad input (an unreadable image): to the driver as data,
+            # since Ray Data's wrapping keeps only the traceback's text of an exception
+            kind = "ValueError" if isinstance(err, ValueError) else "OSError"
+            return batch | {"images": np.zeros((1, 0, 3, 1, 1), np.float32), "error": np.array([f"{kind}: {err}"])}
+        return batch | {"images": images, "error": np.array([""])}
+
+
+class _ExtractShards:
+    """Ray Data actor: a shard's images -> the backbone's features, written as that shard."""
+
+    def __init__(self, jobs: list[dict[str, Any]], device: str):
+        import ray
+
+        self.jobs, self.device = jobs, trial_device(device)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.backbones: dict[int, Any] = {}
+
+    def _backbone(self, job: dict[str, Any]):
+        key = job["backbone_key"]
+        if key not in self.backbones:
+            backbone = create_backbone(job["backbone"], log=lambda m: None, **job["options"]).to(self.device)
+            if backbone.digest != job["digest"]:  # a node whose cache pre-trained other weights
+                raise RuntimeError(
+                    f"node {self.node} has backbone {job['backbone']} with weights {backbone.digest}, the driver "
+                    f"{job['digest']}: put $PROBESWEEP_CACHE on storage every node sees"
+                )
+            self.backbones[key] = backbone
+        return self.backbones[key]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = {"job": batch["job"], "shard": batch["shard"], "node": np.array([self.node]), "error": batch["error"]}
+        if batch["error"][0]:
+            return done
+        job = self.jobs[int(batch["job"][0])]
+        images = torch.from_numpy(batch["images"][0])
+        features = compute_features(self._backbone(job), images, precision=job["precision"]).to(getattr(torch, job["dtype"]))
+        write_shard(job["folder"], int(batch["shard"][0]), features, self.node)
+        return done
+
+
+def _cached_splits(spec: SweepSpec) -> list[str]:
+    """The splits whose features trials read (with augment, the train split goes through the backbone each epoch)."""
+    return ["val"] if spec.train.augment else ["train", "val"]
+
+
+def extract_features(spec: SweepSpec, log: Callable[[str], None] = print, shard_rows: int | None = None) -> int:
+    """Complete the feature caches every trial of ``spec`` reads (Ray must be initialised); returns
+    the number of shards computed. Every shard of a complete cache is checked against its SHA-256."""
+    from probing.features import SHARD_ROWS
+
+    dataset, dtype, precision = spec.data.dataset, getattr(torch, spec.train.feature_dtype), spec.features.precision
+    splits = {name: create_dataset(dataset, name, **spec.data.options()) for name in _cached_splits(spec)}
+    wanted = []
+    for key, entry in enumerate(spec.backbones):
+        backbone = create_backbone(entry.name, log=log, **entry.options())
+        for name, split in splits.items():
+            wanted.append((feature_cache_path(backbone, split, dataset, name, dtype, precision), key, entry, backbone, name, split))
+    with ExitStack() as locks:
+        jobs: list[tuple[FeatureJob, dict[str, Any]]] = []
+        for folder, key, entry, backbone, name, split in sorted(wanted, key=lambda w: str(w[0])):  # one lock order for every driver
+            locks.enter_context(features_lock(folder, log))
+            job = plan_features(backbone, split, dataset, name, dtype, precision, True, shard_rows or SHARD_ROWS, log)
+            if job is not None:
+                described = {
+                    "backbone": entry.name, "options": entry.options(), "backbone_key": key, "digest": backbone.digest,
+                    "split": name, "folder": job.folder, "dtype": spec.train.feature_dtype, "precision": precision,
+                    "rows": [job.layout.rows(i) for i in range(len(job.layout))],
+                }  # fmt: skip
+                jobs.append((job, described))
+        shards = [{"job": j, "shard": i} for j, (job, _) in enumerate(jobs) for i in job.missing]
+        if jobs:
+            log(f"extracting features on the cluster: {len(shards)} shards of {len(jobs)} caches ({', '.join(j.folder.parent.name + '/' + j.folder.name.split('-')[1] for j, _ in jobs)})")
+        if shards:
+            _run(shards, [d for _, d in jobs], {name: split.images for name, split in splits.items()}, spec, log)
+        for job, _ in jobs:
+            job.finish()
+    return len(shards)
+
+
+def extract_features_here(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
+    """The same caches as :func:`extract_features`, computed in this process without Ray (benchmarks
+    that must start from warm caches)."""
+    dtype = getattr(torch, spec.train.feature_dtype)
+    for entry in spec.backbones:
+        backbone = create_backbone(entry.name, log=log, **entry.options())
+        for name in _cached_splits(spec):
+            split = create_dataset(spec.data.dataset, name, **spec.data.options())
+            cached_features(backbone, split, spec.data.dataset, name, log=log, dtype=dtype, precision=spec.features.precision)
+
+
+def _run(shards: list[dict[str, int]], jobs: list[dict[str, Any]], images: dict[str, Any], spec: SweepSpec, log) -> None:
+    import ray
+
+    gpu = spec.resources.gpu > 0 and spec.train.device != "cpu"
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    extractors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else max(1, cpus - 1)
+    context, data_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    # a line per shard instead of Ray Data's bars, and its log in its own file only (both put back below)
+    bars, level = context.enable_progress_bars, data_log.level
+    context.enable_progress_bars = False
+    data_log.setLevel(logging.CRITICAL)
+    try:
+        _pipeline(shards, jobs, images, gpu, cpus, extractors, log)
+    finally:
+        context.enable_progress_bars = bars
+        data_log.setLevel(level)
+
+
+def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extractors: int, log) -> None:
+    import ray
+
+    dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
+    dataset = dataset.map_batches(
+        _DecodeShards, fn_constructor_kwargs={"jobs": jobs, "images": images}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)), num_cpus=0.25,
+        # its constructor's file lists live in the object store, where a restarted actor may not find
+        # them (ray-project/ray#53727): a lost decoder fails the extraction, and the next run resumes it
+        max_restarts=0,
+    )  # fmt: skip
+    dataset = dataset.map_batches(
+        _ExtractShards, fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu"}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors), num_cpus=1, num_gpus=1 if gpu else 0,
+    )  # fmt: skip
+    for done, row in enumerate(dataset.iter_rows(), 1):
+        if row["error"]:  # the first bad input ends the extraction; the shards written so far stay
+            kind, message = str(row["error"]).split(": ", 1)
+            raise (ValueError if kind == "ValueError" else OSError)(message)
+        log(f"  features: {done}/{len(shards)} shards (node {str(row['node'])[:8]})")
