@@ -13,6 +13,7 @@ missing ones (and those that fail their checksum).
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -152,17 +153,20 @@ def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extractors: int, log) 
     import ray
 
     dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
-    dataset = dataset.map_batches(
-        _DecodeShards, fn_constructor_kwargs={"jobs": jobs, "images": images}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)), num_cpus=0.25,
-        # its constructor's file lists live in the object store, where a restarted actor may not find
-        # them (ray-project/ray#53727): a lost decoder fails the extraction, and the next run resumes it
-        max_restarts=0,
-    )  # fmt: skip
-    dataset = dataset.map_batches(
-        _ExtractShards, fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu"}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors), num_cpus=1, num_gpus=1 if gpu else 0,
-    )  # fmt: skip
+    # Each stage's arguments (the splits' file lists, the jobs) live in the object store, where a
+    # restarted actor may not find them (ray-project/ray#53727): a lost actor fails the extraction
+    # instead, and the next run resumes it at the missing shards.
+    with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a keyword it says 2.64 removes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = dataset.map_batches(
+            _DecodeShards, fn_constructor_kwargs={"jobs": jobs, "images": images}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)), num_cpus=0.25, max_restarts=0,
+        )  # fmt: skip
+        dataset = dataset.map_batches(
+            _ExtractShards, fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu"}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors), num_cpus=1, num_gpus=1 if gpu else 0,
+            max_restarts=0,
+        )  # fmt: skip
     for done, row in enumerate(dataset.iter_rows(), 1):
         if row["error"]:  # the first bad input ends the extraction; the shards written so far stay
             kind, message = str(row["error"]).split(": ", 1)
