@@ -2,7 +2,7 @@
 single-process loop (``probing.features.cached_features``), on the same synthetic ImageFolder.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295 \\
-        .venv/bin/python bench/feature_extraction.py [--images 400] [--size 224]
+        .venv/bin/python bench/feature_extraction.py [--images 800] [--size 224] [--shard-rows 128]
 
 JPEGs of 320 px (decoded, resized to 256 and centre-cropped to ``--size``) through a ResNet-18 with
 random weights, loaded from a checkpoint file the benchmark writes. Both sides compute the same
@@ -35,8 +35,9 @@ def _folder(root: Path, images: int, side: int = 320) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--shard-rows", type=int, default=128)
     args = parser.parse_args()
 
     import ray
@@ -64,20 +65,20 @@ def main() -> None:
         start = time.perf_counter()
         for name in ("train", "val"):
             split = create_dataset("imagefolder", name, root=str(work / "images"), size=args.size)
-            cached_features(backbone, split, "imagefolder", name, log=lambda m: None)
+            cached_features(backbone, split, "imagefolder", name, log=lambda m: None, shard_rows=args.shard_rows)
         rows["one process, torch on all cores (baseline)"] = time.perf_counter() - start
 
         os.environ["PROBESWEEP_CACHE"] = str(work / "pipeline")
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
             start = time.perf_counter()
-            extract_features(spec, log=lambda m: None)
+            extract_features(spec, log=lambda m: None, shard_rows=args.shard_rows)
             rows["Ray Data pipeline (decode pool + backbone pool)"] = time.perf_counter() - start
         finally:
             ray.shutdown()
 
     baseline = next(iter(rows.values()))
-    print(f"{args.images} JPEGs of 320 px -> {args.size} px, ResNet-18 (random weights), {os.cpu_count()} CPUs")
+    print(f"{args.images} JPEGs of 320 px -> {args.size} px, ResNet-18 (random weights), shards of {args.shard_rows}, {os.cpu_count()} CPUs")
     print(f"{'case':<52} {'seconds':>8} {'images/s':>9} {'speed-up':>9}")
     for case, seconds in rows.items():
         print(f"{case:<52} {seconds:>8.1f} {args.images / seconds:>9.1f} {baseline / seconds:>8.2f}x")

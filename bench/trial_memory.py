@@ -20,13 +20,14 @@ from pathlib import Path
 
 EPOCH = """
 import json, sys, threading, time
+from pathlib import Path
 import torch
 from probing.heads import create_head
 from probing.losses import create_loss
 from probing.shards import ShardedFeatures, read_manifest
 from probing.train import ProbeTrainer, TrainConfig
 
-folder, in_memory = sys.argv[1], sys.argv[2] == "tensor"
+folder, in_memory = Path(sys.argv[1]), sys.argv[2] == "tensor"
 
 def anon_kb():
     for line in open("/proc/self/status"):

@@ -51,9 +51,10 @@ class _DecodeShards:
 class _ExtractShards:
     """Ray Data actor: a shard's images -> the backbone's features, written as that shard."""
 
-    def __init__(self, jobs: list[dict[str, Any]], device: str):
+    def __init__(self, jobs: list[dict[str, Any]], device: str, threads: int):
         import ray
 
+        torch.set_num_threads(threads)  # this actor's process: the CPUs it holds
         self.jobs, self.device = jobs, trial_device(device)
         self.node = ray.get_runtime_context().get_node_id()
         self.backbones: dict[int, Any] = {}
@@ -87,10 +88,9 @@ def _cached_splits(spec: SweepSpec) -> list[str]:
 
 
 def extract_features(spec: SweepSpec, log: Callable[[str], None] = print, shard_rows: int | None = None) -> int:
-    """Complete the feature caches every trial of ``spec`` reads (Ray must be initialised); returns
-    the number of shards computed. Every shard of a complete cache is checked against its SHA-256."""
-    from probing.features import SHARD_ROWS
-
+    """Complete the feature caches every trial of ``spec`` reads (Ray must be initialised), in shards
+    of ``shard_rows`` images (default: the spec's ``features.shard_rows``); returns the number of
+    shards computed. Every shard of a complete cache is checked against its SHA-256."""
     dataset, dtype, precision = spec.data.dataset, getattr(torch, spec.train.feature_dtype), spec.features.precision
     splits = {name: create_dataset(dataset, name, **spec.data.options()) for name in _cached_splits(spec)}
     wanted = []
@@ -102,7 +102,7 @@ def extract_features(spec: SweepSpec, log: Callable[[str], None] = print, shard_
         jobs: list[tuple[FeatureJob, dict[str, Any]]] = []
         for folder, key, entry, backbone, name, split in sorted(wanted, key=lambda w: str(w[0])):  # one lock order for every driver
             locks.enter_context(features_lock(folder, log))
-            job = plan_features(backbone, split, dataset, name, dtype, precision, True, shard_rows or SHARD_ROWS, log)
+            job = plan_features(backbone, split, dataset, name, dtype, precision, True, shard_rows or spec.features.shard_rows, log)
             if job is not None:
                 described = {
                     "backbone": entry.name, "options": entry.options(), "backbone_key": key, "digest": backbone.digest,
@@ -128,7 +128,10 @@ def extract_features_here(spec: SweepSpec, log: Callable[[str], None] = print) -
         backbone = create_backbone(entry.name, log=log, **entry.options())
         for name in _cached_splits(spec):
             split = create_dataset(spec.data.dataset, name, **spec.data.options())
-            cached_features(backbone, split, spec.data.dataset, name, log=log, dtype=dtype, precision=spec.features.precision)
+            cached_features(
+                backbone, split, spec.data.dataset, name, log=log, dtype=dtype, precision=spec.features.precision,
+                shard_rows=spec.features.shard_rows,
+            )  # fmt: skip
 
 
 def _run(shards: list[dict[str, int]], jobs: list[dict[str, Any]], images: dict[str, Any], spec: SweepSpec, log) -> None:
@@ -136,20 +139,25 @@ def _run(shards: list[dict[str, int]], jobs: list[dict[str, Any]], images: dict[
 
     gpu = spec.resources.gpu > 0 and spec.train.device != "cpu"
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    extractors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else max(1, cpus - 1)
+    # on GPUs: a backbone actor per GPU; on CPUs: one per node, with its CPUs but a decoder's quarter
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    if gpu:
+        extractors, extract_cpus = max(1, int(ray.cluster_resources().get("GPU", 0))), 1.0
+    else:
+        extractors, extract_cpus = max(1, len(nodes)), max(0.75, min(nodes or [1.0]) - 0.25)
     context, data_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
     # a line per shard instead of Ray Data's bars, and its log in its own file only (both put back below)
     bars, level = context.enable_progress_bars, data_log.level
     context.enable_progress_bars = False
     data_log.setLevel(logging.CRITICAL)
     try:
-        _pipeline(shards, jobs, images, gpu, cpus, extractors, log)
+        _pipeline(shards, jobs, images, gpu, cpus, (extractors, extract_cpus), log)
     finally:
         context.enable_progress_bars = bars
         data_log.setLevel(level)
 
 
-def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extractors: int, log) -> None:
+def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extraction: tuple[int, float], log) -> None:
     import ray
 
     dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
@@ -162,10 +170,11 @@ def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extractors: int, log) 
             _DecodeShards, fn_constructor_kwargs={"jobs": jobs, "images": images}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)), num_cpus=0.25, max_restarts=0,
         )  # fmt: skip
+        extractors, extract_cpus = extraction
         dataset = dataset.map_batches(
-            _ExtractShards, fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu"}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors), num_cpus=1, num_gpus=1 if gpu else 0,
-            max_restarts=0,
+            _ExtractShards, batch_size=1, num_cpus=extract_cpus, num_gpus=1 if gpu else 0, max_restarts=0,
+            fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu", "threads": max(1, round(extract_cpus))},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors, initial_size=extractors),
         )  # fmt: skip
     for done, row in enumerate(dataset.iter_rows(), 1):
         if row["error"]:  # the first bad input ends the extraction; the shards written so far stay

@@ -32,6 +32,7 @@ from evaluation.smoothing import REFERENCE_SMOOTHING, Smoothing
 from probing.backbones import BACKBONES, LAYERS
 from probing.datasets import DATASETS
 from probing.devices import DEVICE_SETTINGS, Precision
+from probing.features import SHARD_ROWS
 from probing.heads import HEADS, head_options, shown
 from probing.losses import LOSSES
 from probing.registry import Registry, unknown_name
@@ -254,6 +255,8 @@ class FeaturesSpec(Strict):
     halve a GPU's extraction time; the probe trains, and every attribution runs, in float32)."""
 
     precision: Precision = "float32"
+    # images per cache shard: the unit an interrupted extraction loses and one cluster task computes
+    shard_rows: Annotated[int, Field(ge=16), at_most(1_000_000, "a shard is read into memory by one actor")] = SHARD_ROWS
 
 
 class TrainSpec(TrialTrain):

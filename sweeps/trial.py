@@ -135,7 +135,7 @@ def trial_inputs(config: TrialConfig, log=print):
     train_split, val = (create_dataset(data.dataset, split, **data.options()) for split in ("train", "val"))
     dtype = getattr(torch, train.feature_dtype)
     # read from the cache the sweep's driver built and verified (sizes checked here, not every checksum)
-    cached = {"log": log, "dtype": dtype, "precision": precision, "verify": False}
+    cached = {"log": log, "dtype": dtype, "precision": precision, "verify": False, "shard_rows": config.features.shard_rows}
     val_features = cached_features(backbone, val, data.dataset, "val", **cached)
     if train.augment:  # the faithful, slow path: augmented images through the frozen backbone every epoch
         train_inputs = train_split.augmented

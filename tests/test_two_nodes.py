@@ -114,14 +114,20 @@ def _steps(tracking_uri: str, run_id: str) -> list[int]:
     return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")]
 
 
-def test_job_runs_trials_on_both_nodes(cluster):
-    result = cluster.submit("spread", spec("spread", epochs=3, seeds=2), wait=True)
+def test_job_extracts_features_and_runs_trials_on_both_nodes(cluster):
+    # features of their own (float16, small shards): extracted by this sweep, not found in the cache
+    sweep = spec("spread", epochs=3, seeds=2) | {"features": {"shard_rows": 128}}
+    sweep["train"] |= {"feature_dtype": "float16"}
+    result = cluster.submit("spread", sweep, wait=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = cluster.runs("spread")
     children = _children(runs)
     assert len(children) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     node_ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
     assert {c.data.tags["node_id"] for c in children} == set(node_ips)  # both nodes
+    manifests = [json.loads(m.read_text()) for m in Path(os.environ["PROBESWEEP_CACHE"]).glob("features/*/digits-*-float16-*/manifest.json")]
+    assert {m["split"] for m in manifests} == {"train", "val"} and all(m["shard_rows"] == 128 for m in manifests)
+    assert {s["node"] for m in manifests for s in m["shards"]} == set(node_ips)  # shards written on both nodes
     assert all(c.data.tags["node_ip"] == node_ips[c.data.tags["node_id"]] for c in children), (
         [c.data.tags for c in children], node_ips
     )
