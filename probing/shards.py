@@ -84,7 +84,7 @@ def missing_shards(folder: Path, layout: ShardLayout, log: Callable[[str], None]
         start, stop = layout.rows(index)
         record = _shard_record(path)
         if record is None or record.get("sha256") != _sha256(path) or len(np.load(path, mmap_mode="r")) != stop - start:
-            log(f"feature shard {path} fails its checksum; rebuilding it")
+            log(f"feature shard {path} fails its checksum (or holds other rows); rebuilding it")
             path.unlink()
             missing.append(index)
     return missing
@@ -138,6 +138,7 @@ class ShardedFeatures:
         if isinstance(index, slice):
             index = torch.arange(*index.indices(len(self)))
         index = torch.as_tensor(index).flatten()
+        index = torch.where(index < 0, index + len(self), index)  # as a tensor counts from the end
         out = torch.empty((len(index), *self.shape[1:]), dtype=self.dtype)
         shard_of = index // self.shard_rows
         for shard in shard_of.unique().tolist():

@@ -127,6 +127,7 @@ def test_sharded_features_index_like_the_tensor_they_hold():
     order = torch.tensor([9, 0, 4, 3, 3, 7])  # across shards, unsorted, repeated: as a shuffled batch
     assert torch.equal(features[order], expected[order]) and torch.equal(features[2:8], expected[2:8])
     assert torch.equal(features[5], expected[5]) and len(features) == 10 and features.dtype == torch.float32
+    assert torch.equal(features[-1], expected[-1]) and torch.equal(features[torch.tensor([-2, 1])], expected[[-2, 1]])
 
 
 def test_feature_cache_in_float16_is_a_separate_half_size_cache():
