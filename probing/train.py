@@ -10,7 +10,7 @@ epoch and resume with the same result as an uninterrupted run.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Callable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -52,6 +52,22 @@ class TrainConfig(Schedule):
     epochs: Annotated[int, Field(ge=1), at_most(10_000, "the papers train 50-100; more would take days per trial")] = 10
     lr: Annotated[float, Field(gt=0, le=1000)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # with augment: worker processes that read and augment the next batches while the backbone runs
+    # (0: in the trial's own process); pinned memory when the trial is on a GPU
+    loader_workers: Annotated[int, Field(ge=0), at_most(64, "worker processes of one trial")] = 0
+
+class _Rows(torch.utils.data.Dataset):
+    """Train inputs (an augmented image list) one row at a time, for a DataLoader's workers."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.inputs[index]
+
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, end) of each batch of an epoch of ``n`` samples. A last batch of a single sample is
@@ -100,7 +116,7 @@ class ProbeTrainer:
         self.train_features, self.train_labels = train
         self.val_features, self.val_labels = val
         self.device = next(head.parameters()).device
-        self.epoch = 0
+        self.epoch, self.seed = 0, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batch_bounds(len(self.train_labels), config.batch_size))
         if config.optimizer == "sgd":
@@ -125,14 +141,30 @@ class ProbeTrainer:
         total = max(1, self.config.epochs * self.steps_per_epoch - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
 
+    def _inputs(self, order: torch.Tensor, bounds: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+        """Each batch's train inputs: read here, or by ``loader_workers`` processes (augment path)."""
+        workers = self.config.loader_workers if self.embed is not None else 0
+        if not workers:
+            yield from (self.train_features[order[start:end]] for start, end in bounds)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _Rows(self.train_features), batch_sampler=[order[start:end].tolist() for start, end in bounds],
+            num_workers=workers, pin_memory=self.device.type == "cuda", multiprocessing_context="spawn",  # safe in a threaded Ray worker
+            # each worker's augmentations seeded by the trainer's seed and the epoch: a resumed epoch draws the same
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+        )  # fmt: skip
+        yield from loader
+
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch; returns ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``."""
         self.head.train()
         order = torch.randperm(len(self.train_labels), generator=self.generator)
         total_loss, correct = 0.0, 0
-        for start, end in batch_bounds(len(order), self.config.batch_size):
+        bounds = batch_bounds(len(order), self.config.batch_size)
+        for (start, end), features in zip(bounds, self._inputs(order, bounds)):
             idx = order[start:end]
-            features = self.train_features[idx]
             if self.embed is not None:
                 features = self.embed(features)
             features = features.to(self.device, torch.float32)  # a float16 cache trains in float32

@@ -77,6 +77,8 @@ class SweepSpec(Strict):
             warnings.append(
                 f"resources.gpu: a trial computes on one device; the other {self.resources.gpu - 1:g} GPUs it reserves stay idle"
             )
+        if self.train.loader_workers and not self.train.augment:
+            warnings.append("train.loader_workers: only the augment path reads images while training; without augment it is unused")
         if self.evaluate.smoothing == "reference" and side < kernel:
             warnings.append(
                 f"evaluate.smoothing: the reference's {kernel} px Gaussian is sized for 224-448 px images; on these "

@@ -142,6 +142,49 @@ def test_augment_path_embeds_every_batch_through_the_given_function():
     assert calls == [16, 16, 16, 16]
 
 
+class Augmented:
+    """Train inputs that say who read them: (index, process id, a random draw) per row, as (3, 1, 1)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import os
+
+        return torch.tensor([float(index), float(os.getpid()), torch.rand(()).item()]).view(3, 1, 1)
+
+
+def test_augment_path_reads_its_batches_in_worker_processes_reproducibly():
+    """``loader_workers``: the batches (in the epoch's order) come from worker processes; the
+    workers' random draws are seeded by the trainer's seed and the epoch, so a rerun draws the same."""
+    import os
+
+    labels = torch.arange(40) % 4
+    runs = []
+    for _ in range(2):
+        seen = []
+
+        def embed(batch):
+            seen.append(batch.clone())
+            return batch
+
+        torch.manual_seed(0)
+        trainer = ProbeTrainer(
+            create_head("linear", 3, 4), create_loss("ce"), (Augmented(40), labels), (torch.rand(8, 3, 1, 1), labels[:8]),
+            TrainConfig(epochs=2, batch_size=16, loader_workers=2), embed=embed, seed=5,
+        )  # fmt: skip
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+        trainer.run_epoch()
+        rows = torch.cat(seen).flatten(1)
+        assert torch.equal(rows[:, 0].long(), order)  # every row once, in the epoch's order
+        assert os.getpid() not in rows[:, 1].long().tolist() and len(set(rows[:, 1].tolist())) == 2  # read by 2 workers
+        runs.append(rows[:, 2])
+    assert torch.equal(runs[0], runs[1]) and len(set(runs[0].tolist())) > 30  # seeded, and not one draw repeated
+
+
 def test_a_trial_with_augment_trains_through_the_backbone_on_augmented_images():
     """``train.augment: true``: the trial's trainer embeds augmented train images every batch
     (no train feature cache) and still learns; validation uses the cached val features."""

@@ -22,7 +22,7 @@ DATA = Path(__file__).parent / "data"
 # demo_trial_weights/ (``made_by`` in the file says where and how)
 REFERENCE = json.loads((DATA / "demo_trial_reference.json").read_text())
 # the settings added since the reference was recorded, at their defaults (the trial's device, the extraction's precision)
-ADDED_PARAMS = {"train.device": "auto", "features.precision": "float32", "features.shard_rows": "1024"}
+ADDED_PARAMS = {"train.device": "auto", "features.precision": "float32", "features.shard_rows": "1024", "train.loader_workers": "0"}
 
 
 def weights_fingerprint(module) -> str:
