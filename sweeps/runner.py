@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 
 from sweeps.leftovers import record_processes, stop_leftovers
