@@ -27,9 +27,12 @@ os.environ.update(
 )
 tempfile.tempdir = None  # re-read TMPDIR
 
-# The embedded backbones, pre-trained once per machine for tests (minutes of a session otherwise):
-# their cache files are named by probing.backbones.pretraining_key (a hash of the recipe and the
-# code), so a change to either pre-trains again. Copied in at the start, new ones kept at the end.
+# The embedded backbones' pre-trained weights (minutes of every session otherwise, a fresh clone in
+# CI included): shipped with the tests for the current recipe and code, and kept per machine for
+# others. Their files are named by probing.backbones.pretraining_key (a hash of the recipe and the
+# code), so a change to either pre-trains again, once per machine. Copied in at the start, new ones
+# kept at the end.
+SHIPPED_BACKBONES = Path(__file__).resolve().parent / "data" / "backbones"
 BACKBONE_STORE = Path(__file__).resolve().parents[1] / ".test-cache" / "backbones"
 _SESSION_BACKBONES = _ROOT / "cache" / "backbones"
 
@@ -45,7 +48,8 @@ def _copy_backbones(source: Path, target: Path) -> None:
 
 
 def pytest_configure(config):
-    _copy_backbones(BACKBONE_STORE, _SESSION_BACKBONES)
+    for store in (SHIPPED_BACKBONES, BACKBONE_STORE):
+        _copy_backbones(store, _SESSION_BACKBONES)
 
 
 def pytest_unconfigure(config):

@@ -253,3 +253,20 @@ def test_a_damaged_backbone_cache_is_rebuilt_never_used(tmp_path, monkeypatch, d
     again = create_backbone("test_cached", log=log.append)
     assert trained == [1, 1] and any(f"backbone cache {weights}" in m for m in log)
     assert all((p == 0.5).all() for p in again.parameters()) and again.digest == first.digest
+
+
+def test_the_tests_ship_each_embedded_backbone_as_the_current_code_pre_trains_it():
+    """tests/data/backbones holds every embedded backbone under its current pre-training key, so
+    that a fresh clone's tests (CI) do not pre-train them. After a change to a recipe or to the
+    pre-training code, a test session pre-trains again and leaves the new files in
+    .test-cache/backbones: copy them there."""
+    import hashlib
+
+    from conftest import SHIPPED_BACKBONES
+
+    embedded = [name for name in BACKBONES.names() if BACKBONES.get(name).pretrain is not None]
+    assert len(embedded) == 3
+    for name in embedded:
+        shipped = SHIPPED_BACKBONES / pretrained_weights_file(name).name
+        assert shipped.is_file(), f"{shipped.name} is not in {SHIPPED_BACKBONES}: copy it from .test-cache/backbones"
+        assert shipped.with_suffix(".sha256").read_text().strip() == hashlib.sha256(shipped.read_bytes()).hexdigest()

@@ -368,7 +368,11 @@ DATA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, message", DATA_CASES, ids=[c for c, _ in DATA_CASES])
+# an image only a decode finds is found by the extraction on Ray: a slow case
+CASES = [pytest.param(c, m, id=c, marks=[pytest.mark.slow] if c == "a corrupt image" else []) for c, m in DATA_CASES]
+
+
+@pytest.mark.parametrize("case, message", CASES)
 def test_bad_data_and_weights_files_are_one_line_before_ray_starts(tmp_path, capsys, weights, case, message):
     work, root = tmp_path / "work", tmp_path / "data"
     work.mkdir()

@@ -18,8 +18,8 @@ from sweeps.spec import DEMO_SPEC, load_spec
 from sweeps.trial import TrialConfig, flatten, run_trial
 
 DATA = Path(__file__).parent / "data"
-# params: logged by the code before TrialConfig (8937cd7); metrics: run_trial on the weights in
-# demo_trial_weights/ (``made_by`` in the file says where and how)
+# params: logged by the code before TrialConfig (8937cd7); metrics: run_trial on the weights it
+# names in data/backbones/, whatever the pre-training code is now (``made_by`` says where and how)
 REFERENCE = json.loads((DATA / "demo_trial_reference.json").read_text())
 # the settings added since the reference was recorded, at their defaults (the trial's device, the extraction's precision)
 ADDED_PARAMS = {"train.device": "auto", "features.precision": "float32", "features.shard_rows": "1024", "train.loader_workers": "0"}
@@ -82,7 +82,7 @@ def test_a_demo_trial_scores_as_recorded_on_fixed_weights_and_seed(index, tmp_pa
     monkeypatch.setenv("PROBESWEEP_CACHE", str(tmp_path / "cache"))
     cached = pretrained_weights_file(trial.backbone.name)
     cached.parent.mkdir(parents=True)
-    shutil.copyfile(DATA / "demo_trial_weights" / f"{trial.backbone.name}.pt", cached)
+    shutil.copyfile(DATA / "backbones" / REFERENCE["backbone_files"][trial.backbone.name], cached)
     cached.with_suffix(".sha256").write_text(file_digest(cached, full=True))
     recorded = REFERENCE["backbone_weights"][trial.backbone.name]
     assert weights_fingerprint(create_backbone(trial.backbone.name)) == recorded  # read, not pre-trained again
