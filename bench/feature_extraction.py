@@ -73,7 +73,7 @@ def main() -> None:
         try:
             start = time.perf_counter()
             extract_features(spec, log=lambda m: None, shard_rows=args.shard_rows)
-            rows["Ray Data pipeline (decode pool + backbone pool)"] = time.perf_counter() - start
+            rows["Ray Data pipeline (decode tasks + backbone actors)"] = time.perf_counter() - start
         finally:
             ray.shutdown()
 

@@ -2,9 +2,8 @@
 of every backbone's features (:mod:`probing.features`).
 
 One pipeline for all backbones and splits: shard ids -> decode and transform the shard's images in
-an actor pool (each actor holds the splits' file lists once) -> the backbone in an actor pool of its
-own (on a GPU each when the spec gives trials GPUs) that writes each shard where every node sees it
-(``$PROBESWEEP_CACHE``). The driver holds every cache folder's lock meanwhile, so a second sweep
+parallel tasks -> the backbone in an actor pool (one actor per GPU when the spec gives trials GPUs,
+else one per node) that writes each shard where every node sees it (``$PROBESWEEP_CACHE``). The driver holds every cache folder's lock meanwhile, so a second sweep
 needing the same features waits for this extraction instead of repeating it, then finds it
 complete; an interrupted extraction leaves its finished shards, and the next one computes only the
 missing ones (and those that fail their checksum).
@@ -30,22 +29,17 @@ from sweeps.spec import SweepSpec
 __all__ = ["extract_features", "extract_features_here"]
 
 
-class _DecodeShards:
-    """Ray Data actor: a shard id -> its images, decoded and transformed (float32 in [0, 1])."""
-
-    def __init__(self, jobs: list[dict[str, Any]], images: dict[str, Any]):
-        self.jobs, self.images = jobs, images
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        job = self.jobs[int(batch["job"][0])]
-        start, stop = job["rows"][int(batch["shard"][0])]
-        try:
-            images = self.images[job["split"]][start:stop].numpy()[None]
-        except (ValueError, OSError) as err:  # bad input (an unreadable image): to the driver as data,
-            # since Ray Data's wrapping keeps only the traceback's text of an exception
-            kind = "ValueError" if isinstance(err, ValueError) else "OSError"
-            return batch | {"images": np.zeros((1, 0, 3, 1, 1), np.float32), "error": np.array([f"{kind}: {err}"])}
-        return batch | {"images": images, "error": np.array([""])}
+def _decode_shard(batch: dict[str, np.ndarray], jobs: list[dict[str, Any]], images: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data task: a shard id -> its images, decoded and transformed (float32 in [0, 1])."""
+    job = jobs[int(batch["job"][0])]
+    start, stop = job["rows"][int(batch["shard"][0])]
+    try:
+        decoded = images[job["split"]][start:stop].numpy()[None]
+    except (ValueError, OSError) as err:  # bad input (an unreadable image): to the driver as data,
+        # since Ray Data's wrapping keeps only the traceback's text of an exception
+        kind = "ValueError" if isinstance(err, ValueError) else "OSError"
+        return batch | {"images": np.zeros((1, 0, 3, 1, 1), np.float32), "error": np.array([f"{kind}: {err}"])}
+    return batch | {"images": decoded, "error": np.array([""])}
 
 
 class _ExtractShards:
@@ -138,44 +132,43 @@ def _run(shards: list[dict[str, int]], jobs: list[dict[str, Any]], images: dict[
     import ray
 
     gpu = spec.resources.gpu > 0 and spec.train.device != "cpu"
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # on GPUs: a backbone actor per GPU; on CPUs: one per node, with its CPUs but a decoder's quarter
+    # on GPUs: a backbone actor per GPU; on CPUs: one per node, with its CPUs but a decoding task's quarter
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     if gpu:
         extractors, extract_cpus = max(1, int(ray.cluster_resources().get("GPU", 0))), 1.0
     else:
         extractors, extract_cpus = max(1, len(nodes)), max(0.75, min(nodes or [1.0]) - 0.25)
     context, data_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
-    # a line per shard instead of Ray Data's bars, and its log in its own file only (both put back below)
-    bars, level = context.enable_progress_bars, data_log.level
-    context.enable_progress_bars = False
+    # a line per shard instead of Ray Data's bars, its log in its own file only, and every backbone
+    # actor up before the first shard (else the first one up can take them all); all put back below
+    bars, level, wait = context.enable_progress_bars, data_log.level, context.wait_for_min_actors_s
+    context.enable_progress_bars, context.wait_for_min_actors_s = False, 600
     data_log.setLevel(logging.CRITICAL)
     try:
-        _pipeline(shards, jobs, images, gpu, cpus, (extractors, extract_cpus), log)
+        _pipeline(shards, jobs, images, gpu, (extractors, extract_cpus), log)
     finally:
-        context.enable_progress_bars = bars
+        context.enable_progress_bars, context.wait_for_min_actors_s = bars, wait
         data_log.setLevel(level)
 
 
-def _pipeline(shards, jobs, images, gpu: bool, cpus: int, extraction: tuple[int, float], log) -> None:
+def _pipeline(shards, jobs, images, gpu: bool, extraction: tuple[int, float], log) -> None:
     import ray
 
     dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
-    # Each stage's arguments (the splits' file lists, the jobs) live in the object store, where a
-    # restarted actor may not find them (ray-project/ray#53727): a lost actor fails the extraction
-    # instead, and the next run resumes it at the missing shards.
+    # The actors' arguments (the jobs) live in the object store, where a restarted actor may not find
+    # them (ray-project/ray#53727): a lost actor fails the extraction instead, and the next run
+    # resumes it at the missing shards.
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a keyword it says 2.64 removes
         warnings.simplefilter("ignore", DeprecationWarning)
-        dataset = dataset.map_batches(
-            _DecodeShards, fn_constructor_kwargs={"jobs": jobs, "images": images}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)), num_cpus=0.25, max_restarts=0,
-        )  # fmt: skip
+        # decoding in tasks, as many at once as CPUs allow: decoded shards queue up for every backbone actor
+        dataset = dataset.map_batches(_decode_shard, fn_kwargs={"jobs": jobs, "images": images}, batch_size=1, num_cpus=0.25)
         extractors, extract_cpus = extraction
         dataset = dataset.map_batches(
             _ExtractShards, batch_size=1, num_cpus=extract_cpus, num_gpus=1 if gpu else 0, max_restarts=0,
             fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu", "threads": max(1, round(extract_cpus))},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=extractors, initial_size=extractors),
+            compute=ray.data.ActorPoolStrategy(size=extractors),
         )  # fmt: skip
+    log(f"  {extractors} backbone actor(s) of {extract_cpus:g} CPU{' and 1 GPU' if gpu else ''} each")
     for done, row in enumerate(dataset.iter_rows(), 1):
         if row["error"]:  # the first bad input ends the extraction; the shards written so far stay
             kind, message = str(row["error"]).split(": ", 1)
