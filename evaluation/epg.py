@@ -64,6 +64,7 @@ def evaluate_epg(
     rows_per_batch: int = 16,
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable | None = None,
+    on_rows: Callable[[tuple[str, str, str], dict[str, torch.Tensor]], None] | None = None,
     method_options: dict[str, dict] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
@@ -75,6 +76,10 @@ def evaluate_epg(
         probabilities: logits -> probabilities, for the methods that use them.
         on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
             their scores and their images.
+        on_rows: called once per ``("epg", method, layer)`` with its rows: ``image`` (index in
+            ``images``), ``class``, ``confidence`` (the probe's probability of the class on the
+            image) and ``score``. The rows depend on the boxes and ``seed`` only: every probe of
+            a data set scores the same ones.
         method_options: keyword arguments per method name (``{"intgrad": {"n_steps": 16}}``).
         rows_per_batch: rows explained together; halved when a batch runs out of GPU memory
             (logged to ``log``).
@@ -87,6 +92,7 @@ def evaluate_epg(
     pairs = method_layer_pairs(methods, layers)
     metrics: dict[str, float] = {"epg/rows": float(len(rows))}
     scores: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    confidences: list[torch.Tensor] = []
     device = next(model.parameters()).device
 
     def score_batch(start: int, stop: int) -> list[tuple]:
@@ -99,6 +105,8 @@ def evaluate_epg(
         targets = torch.tensor([c for _, c in batch], device=device)
         height, width = inputs.shape[-2:]
         masks = torch.stack([box_mask(boxes[i], c, height, width) for i, c in batch]).to(device)
+        with torch.no_grad():
+            confidence = probabilities(model(inputs))[which, targets].cpu()
 
         def shared_activation(layer: str) -> torch.Tensor:  # one forward per image serves all its classes
             return model.forward_to(inputs, layer)[which]
@@ -108,14 +116,19 @@ def evaluate_epg(
         ):
             score = energy_pointing_game(maps, masks)
             results.append(((method, layer), score, maps.detach() if on_maps else None, targets, pictures[which.cpu()]))
-        return results
+        return confidence, results
 
-    for results in halving_batches(len(rows), rows_per_batch, score_batch, "EPG attributions", log):
+    for confidence, results in halving_batches(len(rows), rows_per_batch, score_batch, "EPG attributions", log):
+        confidences.append(confidence)
         for (method, layer), score, maps, targets, pictures in results:
             scores[(method, layer)].append(score.cpu())
             if on_maps is not None:
                 on_maps(("epg", method, layer), maps, targets, score, pictures)
     for (method, layer), values in scores.items():
         if values:
-            metrics[f"epg/{method}/{layer}"] = torch.cat(values).mean().item()
+            values = torch.cat(values)
+            metrics[f"epg/{method}/{layer}"] = values.mean().item()
+            if on_rows is not None:
+                image, cls = torch.tensor(rows).T
+                on_rows(("epg", method, layer), {"image": image, "class": cls, "confidence": torch.cat(confidences), "score": values})
     return metrics

@@ -1,4 +1,5 @@
-"""Grid evaluation of a probed model: confident images -> grids -> attributions -> scores.
+"""Grid evaluation of a probed model: shared candidate grids -> the probe's correct ones ->
+attributions -> scores (the headline over its confident grids).
 
 The same grids serve the three settings of Rao et al.: GridPG on the plain model, DiFull and
 DiPart on the grid models of :mod:`evaluation.grid_models`.
@@ -89,6 +90,7 @@ def evaluate_gridpg(
     confidence: float = 0.95,
     seed: int = 0,
     grids_per_batch: int = 8,
+    on_rows: Callable[[tuple[str, str, str], dict[str, torch.Tensor]], None] | None = None,
     metrics: tuple[str, ...] = ("gridpg",),
     smoothing: dict[str, Smoothing] | None = None,
     on_maps: Callable[..., None] | None = None,
@@ -105,8 +107,15 @@ def evaluate_gridpg(
             used for the confidence filter and by the methods that use them.
         methods, layers: names from the attribution registry and the ML-Att layers; pairs where
             a method is undefined (Grad-CAM at the input) are skipped.
-        grid (int): n for n x n grids. n_grids (int): grids requested.
-        confidence (float): minimum probability of the correct top-1 class.
+        grid (int): n for n x n grids. n_grids (int): candidate grids, drawn by ``seed`` from
+            the images whatever the probe (:func:`evaluation.grids.candidate_grids`). The
+            candidates whose every cell the probe classifies correctly (top-1) are explained and
+            scored: a rule that means the same under softmax and sigmoid, on which two probes
+            are paired (:mod:`sweeps.effects`).
+        confidence (float): the headline score (the paper's protocol) is the mean over the
+            scored grids whose every cell's image the probe classifies with at least this
+            probability. When no grid qualifies, every scored grid counts, and
+            ``grids/threshold`` says 0 (it is ``confidence`` otherwise).
         metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``).
         smoothing: per method name, applied to the maps before scoring. Default: none.
         method_options: keyword arguments per method name (``{"lime": {"num_samples": 100}}``).
@@ -117,17 +126,32 @@ def evaluate_gridpg(
             to build AggAtt figures and example galleries.
         grids_per_batch: grids explained together; halved when a batch runs out of GPU memory
             (logged to ``log``).
+        on_rows: called once per ``(setting, method, layer)`` with its scored rows, one per
+            explained cell of each grid: ``grid`` (the candidate's index), ``cell``, ``class``,
+            ``image`` (its index in ``images``), ``confidence`` (the probe's probability of the
+            cell's class on the cell's image alone), ``headline`` (the row counts in the headline
+            score) and ``score``.
 
     Returns:
-        ``<setting>/<method>/<layer>``: mean score over the explained cells of all grids (absent when no
-        grid could be built), ``grids/count`` and ``grids/confident_images``.
+        ``<setting>/<method>/<layer>``: the headline score, the mean over the explained cells of
+        the confident grids (absent when no grid could be built); ``grids/count`` (the confident
+        grids), ``grids/scored`` (the top-1 grids explained), ``grids/candidates``,
+        ``grids/threshold`` and ``grids/confident_images``.
     """
     # metrics checked before any work
     explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in metrics}
     smoothing = smoothing or {}
-    confident = confident_mask(predict_probabilities(model, images, probabilities), labels, confidence)
-    grids = build_grids(images, labels, confident, grid, n_grids, seed)
-    scores_out = {"grids/count": float(len(grids)), "grids/confident_images": float(grids.n_confident)}
+    predicted = predict_probabilities(model, images, probabilities)
+    grids = build_grids(images, labels, confident_mask(predicted, labels, 0.0), grid, n_grids, seed)  # every cell top-1
+    confident = confident_mask(predicted, labels, confidence)
+    headline = confident[grids.images.picks].all(dim=1) if len(grids) else torch.zeros(0, dtype=torch.bool)
+    threshold = confidence
+    if not headline.any():  # a probe confident on no candidate (BCE probes often are): its correct top-1 grids, marked
+        threshold, headline = 0.0, torch.ones(len(grids), dtype=torch.bool)
+    scores_out = {
+        "grids/count": float(headline.sum()), "grids/scored": float(len(grids)), "grids/candidates": float(n_grids),
+        "grids/threshold": float(threshold), "grids/confident_images": float(confident.sum()),
+    }  # fmt: skip
     if not len(grids):
         return scores_out
     device = next(model.parameters()).device
@@ -165,5 +189,20 @@ def evaluate_gridpg(
             if on_maps is not None:
                 on_maps(key, maps, cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
-        scores_out[f"{setting}/{method}/{layer}"] = torch.cat(values).mean().item()
+        values = torch.cat(values)
+        counted = headline.repeat_interleave(len(explained[setting]))
+        scores_out[f"{setting}/{method}/{layer}"] = values[counted].mean().item()
+        if on_rows is not None:
+            on_rows((setting, method, layer), _grid_rows(grids, explained[setting], predicted) | {"headline": counted, "score": values})
     return scores_out
+
+
+def _grid_rows(grids, cells: torch.Tensor, predicted: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The row columns of the explained ``cells`` of every grid, in the evaluator's order (grid by
+    grid, cells in order)."""
+    picks = grids.images.picks[:, cells]
+    classes = grids.classes[:, cells]
+    return {
+        "grid": grids.ids.repeat_interleave(len(cells)), "cell": cells.repeat(len(grids)),
+        "class": classes.flatten(), "image": picks.flatten(), "confidence": predicted[picks.flatten(), classes.flatten()],
+    }  # fmt: skip

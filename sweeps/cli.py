@@ -56,12 +56,14 @@ def _load(config: Path):
 
 
 def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None) -> None:
-    """The trials best first, the Pareto front with run links, how to open the UI; with
-    ``output``, also ``summary.csv`` and ``pareto.png`` there."""
+    """The trials best first, the Pareto front with run links, the seed replicates and paired
+    effects, how to open the UI; with ``output``, also ``summary.csv``, ``pareto.png``,
+    ``effects.csv`` and ``effects.png`` there."""
     from mlflow import MlflowClient
     from rich.console import Console
 
-    from sweeps.report import front_rows, pareto_figure, render_table, sort_rows, summary_csv, trial_rows
+    from sweeps.effects import effects_csv, forest_figure
+    from sweeps.report import front_rows, pareto_figure, render_effects, render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows
     from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
 
     objectives = sweep_objectives(MlflowClient(uri).get_run(parent_run_id))
@@ -78,6 +80,13 @@ def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str,
         values = ", ".join(f"{m} {row[m]:.3f}" for m in objectives)
         console.print(f"  {row['trial']} {row['backbone']} {row['loss']} {row['head']}: {values}", highlight=False)
         console.print(f"    {run_url(uri, experiment_id, str(row['_run_id']))}", highlight=False, soft_wrap=True)
+    effects, replicates = sweep_effects(uri, parent_run_id)
+    if replicates:
+        console.print(render_replicates(replicates))
+    if effects:
+        console.print(render_effects(effects))
+        marked = sum(e.significant for e in effects)
+        console.print(f"{marked} of {len(effects)} effects have a Holm-adjusted p below 0.05 (marked *)", highlight=False)
     if output is not None:
         import matplotlib.pyplot as plt
 
@@ -86,7 +95,14 @@ def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str,
         figure = pareto_figure(rows, objectives, title)
         figure.savefig(output / "pareto.png")
         plt.close(figure)
-        console.print(f"Wrote {output / 'summary.csv'} and {output / 'pareto.png'}", highlight=False, soft_wrap=True)
+        written = ["summary.csv", "pareto.png"]
+        if effects:
+            (output / "effects.csv").write_text(effects_csv(effects))
+            figure = forest_figure(effects, f"{title}: paired effects")
+            figure.savefig(output / "effects.png")
+            plt.close(figure)
+            written += ["effects.csv", "effects.png"]
+        console.print(f"Wrote {', '.join(written)} to {output}", highlight=False, soft_wrap=True)
     if uri.startswith(("http://", "https://")):  # the tracking server serves its own UI
         console.print(f"Open the runs in the tracking server's UI: {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
         return
@@ -176,7 +192,7 @@ def report(
     name: Annotated[str, typer.Argument(help="Sweep name (as printed by `probesweep run`).")],
     tracking_uri: TrackingUri = None,
     output: Annotated[
-        Optional[Path], typer.Option(help="Folder for summary.csv and pareto.png. Default: ./reports/<name>.")
+        Optional[Path], typer.Option(help="Folder for summary.csv, pareto.png, effects.csv and effects.png. Default: ./reports/<name>.")
     ] = None,
 ) -> None:
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
@@ -269,9 +285,9 @@ def _leave(code: int | str) -> None:
     import sys
     import threading
 
-    for thread in threading.enumerate():  # what the interpreter would wait for
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # what the interpreter does first at exit: its thread-exit hooks (which stop idle thread pools,
+    # such as MLflow's artifact downloads) and a join of the non-daemon threads
+    threading._shutdown()
     atexit._run_exitfuncs()
     if isinstance(code, str):
         print(code, file=sys.stderr)

@@ -122,7 +122,8 @@ def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], 
             scores = ", ".join(
                 f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k) and not math.isnan(v)
             )
-            counted = [f"{int(result[k])} {k.split('/')[0]}" for k in ("grids/count", "epg/rows") if k in result]
+            top1 = "top-1 " if result.get("grids/threshold") == 0.0 else ""  # confident on no grid: its correct ones
+            counted = [f"{int(result[k])} {top1 if k == 'grids/count' else ''}{k.split('/')[0]}" for k in ("grids/count", "epg/rows") if k in result]
             log(
                 f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
                 f"{head_label(trial.config['head'])}: {stopped}"

@@ -128,13 +128,15 @@ class SweepSpec(Strict):
         return recipe.overrides() if recipe is not None else {}
 
     def known_metrics(self) -> list[str]:
-        """The metrics every trial logs last: per-epoch ones and ``<metric>/<method>/<layer>``."""
+        """The metrics every trial logs last: per-epoch ones, ``<metric>/<method>/<layer>`` and
+        each score's 95% interval bounds (``.../ci_low``, an objective for the pessimistic score)."""
         scores = [
-            f"{metric}/{method}/{layer}"
+            f"{metric}/{method}/{layer}{bound}"
             for metric in self.evaluate.metrics
             for method in self.evaluate.methods
             for layer in self.evaluate.layers
             if layer in METHODS.get(method).layers
+            for bound in ("", "/ci_low", "/ci_high")
         ]
         return [*EPOCH_METRICS, *scores]
 
@@ -199,7 +201,11 @@ class SweepSpec(Strict):
         known = self.known_metrics()
         for metric in search.objectives:
             if metric not in known:
-                raise ValueError(f"search.objectives: {metric!r} is not logged by this sweep: known are {', '.join(known)}")
+                listed = ", ".join(m for m in known if not m.endswith(("/ci_low", "/ci_high")))
+                raise ValueError(
+                    f"search.objectives: {metric!r} is not logged by this sweep: known are {listed} "
+                    "(and each score's interval bounds, <score>/ci_low and <score>/ci_high)"
+                )
         if search.scheduler and search.scheduler.grace_period >= self.train.epochs:
             raise ValueError(
                 f"search.scheduler.grace_period: must be < train.epochs ({self.train.epochs}), got {search.scheduler.grace_period}"

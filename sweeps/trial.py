@@ -26,6 +26,7 @@ from evaluation.attribution.common import model_traits
 from evaluation.epg import evaluate_epg
 from evaluation.gridpg import evaluate_gridpg
 from evaluation.metrics import METRICS, grid_metrics
+from evaluation.score_rows import ScoreRows
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
 from probing.devices import check_placement, extraction_autocast, trial_device
@@ -156,9 +157,11 @@ def trial_inputs(config: TrialConfig, log=print):
 
 
 def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracker: Tracker) -> dict[str, float]:
-    """Localisation scores of the trained probe, logged with figures: the AggAtt of each
-    (metric, method, layer) over its rows (grids: the top-left cell's), and a gallery of the
-    first batch's explanations over their images."""
+    """Localisation scores of the trained probe with their 95% bootstrap intervals
+    (``<score>/ci_low``, ``<score>/ci_high``), logged with the per-row scores
+    (``scores/<metric>.csv.gz``) and figures: the AggAtt of each (metric, method, layer) over its
+    rows (grids: the top-left cell's), and a gallery of the first batch's explanations over their
+    images."""
     collected: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     examples: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     on_boxes = {m for m in evaluate.metrics if METRICS.get(m).protocol == "boxes"}
@@ -174,7 +177,11 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
     methods = [m for m in evaluate.methods if not create_method(m).refusal(traits)]  # validate refused the rest unless skip
     if len(methods) < len(evaluate.methods):
         tracker.set_tags({"methods_left_out": ", ".join(m for m in evaluate.methods if m not in methods)})
-    options = {"methods": methods, "layers": evaluate.layers, "seed": evaluate.seed, "smoothing": evaluate.smoothing_per_method()}
+    score_rows = ScoreRows()
+    options = {
+        "methods": methods, "layers": evaluate.layers, "seed": evaluate.seed, "smoothing": evaluate.smoothing_per_method(),
+        "on_rows": score_rows.add,
+    }  # fmt: skip
     if on_boxes:
         scores |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=evaluate.n_images, on_maps=keep, **options)
     on_grids = grid_metrics(evaluate.metrics)
@@ -183,6 +190,10 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
             model, val.images, val.labels, loss.probabilities, grid=evaluate.grid, n_grids=evaluate.n_grids,
             confidence=evaluate.confidence, metrics=on_grids, on_maps=keep, di_cells=evaluate.di_cells, **options,
         )  # fmt: skip
+    scores |= score_rows.intervals(seed=evaluate.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in score_rows.write(Path(folder)):
+            tracker.log_artifact(path, "scores")
     for (metric, method, layer), parts in collected.items():
         maps, values = (torch.cat(p) for p in zip(*parts))
         rows = "(image, class) rows" if metric in on_boxes else "top-left cell"

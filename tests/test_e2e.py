@@ -4,6 +4,8 @@ The sweep runs as a user runs it (the console script in a fresh process); MLflow
 with its client. Nothing may be left running afterwards.
 """
 
+import csv
+import gzip
 import math
 import os
 import subprocess
@@ -26,7 +28,7 @@ SPEC = {
     "data": {"dataset": "digits"},
     "backbones": ["tiny_resnet_sup"],
     "probe": {"loss": ["ce", "bce"], "head": [{"type": "linear"}]},
-    "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2},
+    "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2, "seed": [0, 1]},
     "evaluate": {
         "methods": ["ixg", "gradcam"],
         "layers": ["input", "final"],
@@ -65,10 +67,13 @@ def sweep(tmp_path_factory, session_root):
 
 def test_sweep_prints_results_and_the_ui_command(sweep):
     workdir, result = sweep
-    assert result.stderr.count("[") >= 2 and "[2/2]" in result.stderr  # one progress line per trial
-    last = next(line for line in result.stderr.splitlines() if line.startswith("[2/2]"))
+    assert result.stderr.count("[") >= 4 and "[4/4]" in result.stderr  # one progress line per trial
+    last = next(line for line in result.stderr.splitlines() if line.startswith("[4/4]"))
     assert "| running 0, failed 0, best val acc 0." in last  # the sweep's state after the last trial
-    assert "gridpg/ixg/input" in result.stdout and result.stdout.count("FINISHED") == 2
+    assert "gridpg/ixg/input" in result.stdout and result.stdout.count("FINISHED") == 4
+    # two seeds of each loss: the replicates' table and the loss effect (per method and layer)
+    assert "seed replicates" in result.stdout and "paired effects" in result.stdout
+    assert "loss bce - ce" in result.stdout and "effects have a Holm-adjusted p below 0.05" in result.stdout
     ui_line = f"ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1 --port 5000"
     assert ui_line in result.stdout
     assert "snapshotting" not in result.stderr  # Ray's own chatter goes to the sweep's log file
@@ -80,7 +85,7 @@ def test_rays_auth_token_is_readable_by_its_owner_only(sweep):
     assert token.is_file() and token.stat().st_mode & 0o777 == 0o600
 
 
-def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
+def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
     workdir, _ = sweep
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
@@ -89,10 +94,12 @@ def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags[SWEEP_TAG] == "e2e-sweep"
     assert parents[0].info.status == "FINISHED"
-    assert len(children) == 2
+    assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert len({c.data.tags["trial_id"] for c in children}) == 2
-    assert sorted(c.data.params["loss"] for c in children) == ["bce", "ce"]
+    assert len({c.data.tags["trial_id"] for c in children}) == 4
+    assert sorted((c.data.params["loss"], c.data.params["seed"]) for c in children) == [("bce", "0"), ("bce", "1"), ("ce", "0"), ("ce", "1")]
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"summary.csv", "pareto.png", "effects.csv", "effects.png"} <= parent_artifacts
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["head.type"] == "linear" and child.data.params["backbone.name"] == "tiny_resnet_sup"
@@ -100,8 +107,14 @@ def test_mlflow_holds_one_parent_and_two_finished_children(sweep):
         metrics = child.data.metrics
         assert FINAL_METRICS <= metrics.keys(), sorted(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
-        assert metrics["val/accuracy"] > 0.8 and metrics["grids/count"] == 8
+        # the 8 candidate grids are shared; each probe scores those it is confident on
+        assert metrics["val/accuracy"] > 0.8 and 1 <= metrics["grids/count"] <= metrics["grids/candidates"] == 8
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
+        scores = [k for k in metrics if k.startswith(("gridpg/", "difull/")) and k.count("/") == 2]
+        # the interval is about the score (up to the float sums of the resampled means)
+        assert len(scores) == 6 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
+        stored = {a.path for a in client.list_artifacts(child.info.run_id, "scores")}
+        assert stored == {"scores/gridpg.csv.gz", "scores/difull.csv.gz"}
         assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "aggatt")}
         assert artifacts == {"aggatt/gridpg-ixg-input.png", "aggatt/gridpg-ixg-final.png",
@@ -116,9 +129,40 @@ def test_report_reads_the_sweep_back(sweep):
     result = subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "sweep e2e-sweep (FINISHED)" in result.stdout
-    assert sum(line.startswith("│") and "tiny_resnet_sup" in line for line in result.stdout.splitlines()) == 2
+    assert sum(line.startswith("│") and "FINISHED" in line for line in result.stdout.splitlines()) == 4
+    assert {p.name for p in (workdir / "reports" / "e2e-sweep").iterdir()} == {"summary.csv", "pareto.png", "effects.csv", "effects.png"}
     missing = subprocess.run([PROBESWEEP, "report", "nope"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
+
+
+def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(sweep, tmp_path):
+    workdir, _ = sweep
+    subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120, check=True)
+    reported = {
+        row["score"]: row for row in csv.DictReader((workdir / "reports" / "e2e-sweep" / "effects.csv").open())
+        if row["factor"] == "loss"
+    }  # fmt: skip
+    assert set(reported) == {"gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "difull/ixg/input", "difull/ixg/final", "difull/gradcam/final"}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    tables = {}
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    for run in (r for r in runs if "mlflow.parentRunId" in r.data.tags):
+        path = client.download_artifacts(run.info.run_id, "scores/gridpg.csv.gz", str(tmp_path / run.info.run_id))
+        with gzip.open(path, "rt") as stream:  # by hand: grid means of the ixg / input rows
+            rows = [r for r in csv.DictReader(stream) if (r["method"], r["layer"]) == ("ixg", "input")]
+        grids = {int(r["grid"]) for r in rows}
+        tables[run.data.params["loss"], run.data.params["seed"]] = {
+            g: sum(float(r["score"]) for r in rows if int(r["grid"]) == g) / sum(int(r["grid"]) == g for r in rows) for g in grids
+        }
+    per_grid: dict[int, list[float]] = {}
+    for seed in ("0", "1"):
+        ce, bce = tables["ce", seed], tables["bce", seed]
+        for g in ce.keys() & bce.keys():
+            per_grid.setdefault(g, []).append(bce[g] - ce[g])
+    by_hand = sum(sum(d) / len(d) for d in per_grid.values()) / len(per_grid)
+    effect = reported["gridpg/ixg/input"]
+    assert float(effect["mean"]) == pytest.approx(by_hand, abs=1e-5) and int(effect["units"]) == len(per_grid)
+    assert float(effect["ci_low"]) <= float(effect["mean"]) <= float(effect["ci_high"]) and effect["pairs"] == "2"
 
 
 def _free_port() -> int:
@@ -158,8 +202,8 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
         )
         with urllib.request.urlopen(request, timeout=10) as reply:
             runs = json.load(reply)["runs"]
-        assert len(runs) == 3  # the sweep and its two trials
-        assert sum(any(m["key"] == "gridpg/ixg/input" for m in r["data"].get("metrics", [])) for r in runs) == 2
+        assert len(runs) == 5  # the sweep and its four trials
+        assert sum(any(m["key"] == "gridpg/ixg/input" for m in r["data"].get("metrics", [])) for r in runs) == 4
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -64,3 +64,28 @@ def test_epg_scores_one_for_attribution_inside_the_boxes():
     metrics = evaluate_epg(QuadrantModel(), images[:1], half, torch.sigmoid, ["ixg"], ["input"])
     expected = images[0, :, :2, :4].sum() / images[0, :, :4, :4].sum()
     assert metrics["epg/ixg/input"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_every_epg_row_is_kept_with_its_image_class_and_the_probes_confidence():
+    images = torch.rand(3, 3, 8, 8) + 0.1
+    boxes = (
+        torch.tensor([[0, 0.0, 0.0, 4.0, 4.0, 0], [3, 4.0, 4.0, 8.0, 8.0, 0]]),
+        torch.tensor([[1, 4.0, 0.0, 8.0, 4.0, 0]]),
+        torch.tensor([[2, 0.0, 4.0, 4.0, 8.0, 0]]),
+    )
+    kept = {}
+    model = QuadrantModel()
+    metrics = evaluate_epg(
+        model, images, boxes, torch.sigmoid, ["ixg"], ["input"], rows_per_batch=3, seed=1,
+        on_rows=lambda key, columns: kept.setdefault(key, columns),
+    )  # fmt: skip
+    columns = kept[("epg", "ixg", "input")]
+    rows = epg_rows(boxes, 64, seed=1)
+    assert list(zip(columns["image"].tolist(), columns["class"].tolist())) == rows
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images))[columns["image"], columns["class"]]
+    torch.testing.assert_close(columns["confidence"], expected)
+    assert columns["score"].mean().item() == pytest.approx(metrics["epg/ixg/input"])
+    other = {}  # another probe (another probability function) scores the same rows
+    evaluate_epg(model, images, boxes, lambda z: z.softmax(dim=1), ["ixg"], ["input"], seed=1, on_rows=lambda key, c: other.setdefault(key, c))
+    assert torch.equal(other[("epg", "ixg", "input")]["image"], columns["image"]) and torch.equal(other[("epg", "ixg", "input")]["class"], columns["class"])

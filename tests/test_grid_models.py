@@ -214,3 +214,47 @@ def test_a_batch_out_of_gpu_memory_is_halved_and_retried_with_a_log_line_and_the
     # each grid's rows reached on_maps once: 6 grids x 4 cells (GridPG) and x 2 corners (DiFull), per pair
     assert sum(n for (setting, *_), n in rows if setting == "gridpg") == 6 * 4 * 3
     assert sum(n for (setting, *_), n in rows if setting == "difull") == 6 * 2 * 3
+
+
+def test_every_scored_cell_is_a_row_with_its_grid_class_image_and_the_probes_confidence(trained_probe):
+    """Rows for every grid the probe classifies correctly; the headline score is the mean over
+    the rows of the grids it is confident on (``headline``)."""
+    from evaluation.gridpg import predict_probabilities
+    from evaluation.grids import build_grids, confident_mask
+
+    model, val = trained_probe
+    softmax = lambda z: z.softmax(dim=1)  # noqa: E731
+    rows = {}
+    metrics = evaluate_gridpg(
+        model, val.images, val.labels, softmax, methods=["ixg"], layers=["input", "final"], n_grids=12,
+        confidence=0.6, metrics=("gridpg", "difull"), on_rows=lambda key, columns: rows.setdefault(key, columns),
+    )  # fmt: skip
+    predicted = predict_probabilities(model, val.images, softmax)
+    scored = build_grids(val.images, val.labels, confident_mask(predicted, val.labels, 0.0), 2, 12, 0)
+    confident = build_grids(val.images, val.labels, confident_mask(predicted, val.labels, 0.6), 2, 12, 0)
+    assert metrics["grids/count"] == len(confident) > 0 and metrics["grids/threshold"] == 0.6 and metrics["grids/candidates"] == 12
+    assert metrics["grids/scored"] == len(scored) >= len(confident)
+    assert set(rows) == {(s, "ixg", layer) for s in ("gridpg", "difull") for layer in ("input", "final")}
+    for (setting, method, layer), columns in rows.items():
+        cells = [0, 1, 2, 3] if setting == "gridpg" else [0, 3]
+        assert columns["grid"].tolist() == [g for g in scored.ids.tolist() for _ in cells]
+        assert columns["cell"].tolist() == cells * len(scored)
+        assert torch.equal(columns["image"], scored.images.picks[:, cells].flatten())
+        assert torch.equal(columns["class"], val.labels[columns["image"]])
+        assert torch.equal(columns["confidence"], predicted[columns["image"], columns["class"]])
+        headline = columns["headline"]
+        assert columns["grid"][headline].unique().tolist() == confident.ids.tolist()
+        assert (columns["confidence"][headline] >= 0.6).all()
+        assert columns["score"][headline].mean().item() == pytest.approx(metrics[f"{setting}/{method}/{layer}"])
+
+
+def test_a_probe_confident_on_no_candidate_scores_its_correct_grids_and_says_so(trained_probe):
+    """Not a blank and not 0: the grids whose every cell is classified correctly, with
+    ``grids/threshold`` 0 where the spec's confidence gave none."""
+    model, val = trained_probe
+    settings = dict(methods=["ixg"], layers=["input"], n_grids=8)
+    unreachable = evaluate_gridpg(model, val.images, val.labels, lambda z: z.softmax(dim=1) * 0.5, confidence=0.6, **settings)
+    top1 = evaluate_gridpg(model, val.images, val.labels, lambda z: z.softmax(dim=1), confidence=1e-9, **settings)
+    assert unreachable["grids/threshold"] == 0.0 and unreachable["grids/confident_images"] == 0
+    assert unreachable["grids/count"] == unreachable["grids/scored"] == top1["grids/count"] > 0
+    assert unreachable["gridpg/ixg/input"] == pytest.approx(top1["gridpg/ixg/input"])

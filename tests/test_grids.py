@@ -1,8 +1,9 @@
-"""GridPG grid building: distinct confident classes, seeded, and honest about what it could not build."""
+"""GridPG grid building: shared seeded candidates of distinct classes, the ones a probe is confident
+on, and honest about what it could not build."""
 
 import torch
 
-from evaluation.grids import build_grids, confident_mask
+from evaluation.grids import build_grids, candidate_grids, confident_mask
 
 
 def _tiles(n_per_class=3, classes=6, size=4):
@@ -23,7 +24,11 @@ def test_grids_hold_distinct_confident_classes_in_their_cells():
     confident = torch.ones(len(labels), dtype=torch.bool)
     confident[labels == 5] = False  # class 5 must never appear
     grids = build_grids(images, labels, confident, grid=2, n_grids=20, seed=3)
-    assert len(grids) == 20 and grids.images.shape == (20, 1, 8, 8)
+    picks, classes = candidate_grids(labels, 2, 20, seed=3)
+    # the candidates without class 5, and only those
+    assert grids.ids.tolist() == [i for i in range(20) if 5 not in classes[i].tolist()] and 0 < len(grids) < 20
+    assert grids.images.shape == (len(grids), 1, 8, 8) and grids.n_requested == 20
+    assert torch.equal(grids.classes, classes[grids.ids]) and torch.equal(grids.images.picks, picks[grids.ids])
     for image, classes in zip(grids.images, grids.classes):
         assert len(set(classes.tolist())) == 4 and 5 not in classes.tolist()
         for cell, cls in enumerate(classes.tolist()):
@@ -48,6 +53,26 @@ def test_too_few_confident_classes_gives_no_grid_and_says_so():
     confident = labels < 3  # only 3 classes for 4 cells
     grids = build_grids(images, labels, confident, 2, 7)
     assert len(grids) == 0 and grids.n_requested == 7 and grids.n_confident == 9
+    few = build_grids(images[:9], labels[:9], torch.ones(9, dtype=torch.bool), 2, 7)  # 3 classes in all
+    assert len(few) == 0 and few.ids.tolist() == []
+
+
+def test_two_probes_draw_the_same_candidates_and_score_those_they_are_confident_on():
+    """The candidates depend on the labels and the seed, not on the probe: two probes' grids are
+    the same grids wherever both are confident (same ids, same images, same classes)."""
+    images, labels = _tiles(n_per_class=5, classes=8)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.rand(len(labels), generator=generator) < 0.85 for _ in range(2))
+    a = build_grids(images, labels, first, 2, 40, seed=2)
+    b = build_grids(images, labels, second, 2, 40, seed=2)
+    assert not torch.equal(a.ids, b.ids) and len(a) and len(b)
+    both = sorted(set(a.ids.tolist()) & set(b.ids.tolist()))
+    assert both, "the two probes share no grid: pick other masks"
+    for grid in both:
+        i, j = a.ids.tolist().index(grid), b.ids.tolist().index(grid)
+        assert torch.equal(a.images[i], b.images[j]) and torch.equal(a.classes[i], b.classes[j])
+    for grids, confident in ((a, first), (b, second)):
+        assert bool(confident[grids.images.picks].all())  # every cell confident
 
 
 def test_grid_images_are_composed_when_indexed_from_only_the_images_they_show():

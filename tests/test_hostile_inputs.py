@@ -148,7 +148,7 @@ SPEC_CASES = [
     ('data.crop_scale', [0, 1], 'data.crop_scale[0]: must be > 0, got 0'),
     ('data.crop_scale', [0.5, 2], 'data.crop_scale[1]: must be <= 1, got 2'),
     ('search.num_samples', 0, 'search.num_samples: must be >= 1, got 0'),
-    ('search.objectives', {'val/acc': 'max'}, "search.objectives: 'val/acc' is not logged by this sweep: known are val/accuracy, val/loss, train/accuracy, train/loss, gridpg/ixg/input, gridpg/ixg/final, gridpg/bcos/input, gridpg/bcos/final, gridpg/gradcam/final"),
+    ('search.objectives', {'val/acc': 'max'}, "search.objectives: 'val/acc' is not logged by this sweep: known are val/accuracy, val/loss, train/accuracy, train/loss, gridpg/ixg/input, gridpg/ixg/final, gridpg/bcos/input, gridpg/bcos/final, gridpg/gradcam/final (and each score's interval bounds, <score>/ci_low and <score>/ci_high)"),
     ('search.objectives', ['val/accuracy'], "search.objectives: must be a mapping of keys, got ['val/accuracy']"),
     ('search.max_concurrent', -1, 'search.max_concurrent: must be >= 1, got -1'),
     ('search.seed', 'x', "search.seed: must be an integer, got 'x'"),

@@ -156,7 +156,7 @@ BAD_SPECS = [
         {"gridpg/ixg/middle": "max"},
         "search.objectives: 'gridpg/ixg/middle' is not logged by this sweep: known are val/accuracy, val/loss, "
         "train/accuracy, train/loss, gridpg/ixg/input, gridpg/ixg/final, gridpg/bcos/input, gridpg/bcos/final, "
-        "gridpg/gradcam/final",
+        "gridpg/gradcam/final (and each score's interval bounds, <score>/ci_low and <score>/ci_high)",
     ),
     (
         "search.objectives",
@@ -496,3 +496,11 @@ def test_reference_smoothing_on_maps_smaller_than_its_kernel_is_warned_about():
     data = _with("evaluate.smoothing", "reference")
     data["data"]["size"] = 128  # 2x2 grids of 128 px: 256 px maps
     assert parse_spec(data).warnings() == []
+
+
+def test_an_objective_may_name_a_scores_interval_bound():
+    data = copy.deepcopy(DEMO) | {"search": {"algorithm": "grid", "objectives": {"gridpg/ixg/input/ci_low": "max"}}}
+    assert parse_spec(data).search.objectives == {"gridpg/ixg/input/ci_low": "max"}
+    data["search"]["objectives"] = {"gridpg/ixg/input/ci_mid": "max"}
+    with pytest.raises(SpecError, match="'gridpg/ixg/input/ci_mid' is not logged"):
+        parse_spec(data)
