@@ -10,6 +10,7 @@ from captum.attr import (
     LayerGradCam,
     LayerGradientXActivation,
     Occlusion,
+    Saliency,
 )
 from torch import nn
 
@@ -73,6 +74,52 @@ def test_inner_layer_maps_equal_captum(model, inputs, method, layer):
     expected = _per_image(lambda xi, t: _upsampled(captum.attribute(xi, target=t), (32, 32)), x, targets)
     if method == "gradcam":
         assert (ours < 0).any(), "without the final ReLU negative evidence stays in the map"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("layer", ["input", "middle", "final"])
+def test_gradient_equals_captums_saliency(model, inputs, layer, absolute):
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method("grad")(model, x, targets, layer=layer, abs=absolute)
+    if layer == "input":
+        captum = Saliency(model)
+        expected = _per_image(lambda xi, t: captum.attribute(xi, target=t, abs=absolute).sum(dim=1), x, targets)
+    else:  # the gradient at a layer: captum's layer attribution without the activation factor
+        captum = LayerGradientXActivation(model, model.backbone.stages[LAYER_MODULE[layer]], multiply_by_inputs=False)
+        gradient = (lambda g: g.abs()) if absolute else (lambda g: g)
+        expected = _per_image(lambda xi, t: _upsampled(gradient(captum.attribute(xi, target=t)), (32, 32)), x, targets)
+    assert (ours < 0).any() != absolute  # signed unless abs
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, reference", [("gradcampp", "GradCAMPlusPlus"), ("layercam", "LayerCAM")])
+@pytest.mark.parametrize("layer", ["middle", "final"])
+def test_cam_variants_equal_the_grad_cam_package_per_image(model, inputs, method, reference, layer):
+    """The package's own hooks and its ``get_cam_image`` per image and target, then its ReLU; its
+    min-max normalisation and OpenCV resizing are left out (we keep maps unnormalised and
+    upsample as every method here)."""
+    import pytorch_grad_cam
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method(method)(model, x, targets, layer=layer)
+    module = model.backbone.stages[LAYER_MODULE[layer]]
+    cam = getattr(pytorch_grad_cam, reference)(model, [module])
+
+    def package(xi, t):
+        recorded = cam.activations_and_grads
+        recorded(xi.clone().requires_grad_(True))[0, t].backward()
+        activation, gradient = recorded.activations[0].numpy(), recorded.gradients[0].numpy()
+        raw = cam.get_cam_image(xi, module, None, activation, gradient, False)
+        return _upsampled(torch.from_numpy(raw).clamp(min=0)[:, None], (32, 32))
+
+    try:
+        expected = _per_image(package, x, targets)
+    finally:
+        cam.activations_and_grads.release()
+    assert (ours > 0).any() and (ours >= 0).all()
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
 
 
@@ -154,7 +201,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, gradcam, intgrad, ixg, lime, lrp, occlusion, scorecam; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, scorecam; did you mean 'ixg'"):
         create_method("ixgg")
 
 
@@ -325,7 +372,8 @@ def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_li
 
 
 @pytest.mark.parametrize("method, layer", [("ixg", "input"), ("gbp", "middle"), ("gradcam", "final"), ("intgrad", "input"),
-                                           ("lrp", "input"), ("lrp", "middle"), ("bcos", "final")])  # fmt: skip
+                                           ("lrp", "input"), ("lrp", "middle"), ("bcos", "final"), ("grad", "input"),
+                                           ("gradcampp", "final"), ("layercam", "middle")])  # fmt: skip
 def test_targets_of_one_image_share_its_forward_and_equal_one_row_at_a_time(model, inputs, method, layer):
     from evaluation.attribution.common import repeated_rows
 

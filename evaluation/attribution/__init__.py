@@ -8,8 +8,10 @@ explains ``targets[i]`` for ``images[i]``. Each method registers itself beside i
 from __future__ import annotations
 
 from evaluation.attribution.bcos import bcos_explanation
+from evaluation.attribution.cam_variants import grad_cam_plus_plus, layer_cam
 from evaluation.attribution.common import ALL_LAYERS, METHODS, AttributionMethod
 from evaluation.attribution.grad_cam import grad_cam
+from evaluation.attribution.gradient import gradient
 from evaluation.attribution.guided_backprop import guided_backprop
 from evaluation.attribution.intgrad import integrated_gradients
 from evaluation.attribution.ixg import input_x_gradient
@@ -31,6 +33,9 @@ __all__ = [
     "create_method",
     "list_methods",
     "grad_cam",
+    "grad_cam_plus_plus",
+    "gradient",
+    "layer_cam",
     "guided_backprop",
     "input_x_gradient",
     "integrated_gradients",
