@@ -123,6 +123,67 @@ def test_cam_variants_equal_the_grad_cam_package_per_image(model, inputs, method
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["middle", "final"])
+def test_ablation_cam_equals_the_grad_cam_package_per_image(model, inputs, layer):
+    """The package's own weights (it ablates by swapping the layer for its AblationLayer) per
+    image and target, then its weighted sum and ReLU; it keeps scores in float32."""
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    ours = create_method("ablationcam")(model, x, targets, layer=layer, internal_batch_size=48)  # channels in chunks
+    module = model.backbone.stages[LAYER_MODULE[layer]]
+    cam = AblationCAM(model, [module])
+
+    def package(xi, t):
+        activation = model.forward_to(xi, layer).numpy()
+        raw = cam.get_cam_image(xi, module, [ClassifierOutputTarget(t)], activation, None, False)
+        return _upsampled(torch.from_numpy(raw).clamp(min=0)[:, None], (32, 32))
+
+    try:
+        expected = _per_image(package, x, targets)
+    finally:
+        cam.activations_and_grads.release()
+    assert module is model.backbone.stages[LAYER_MODULE[layer]]  # the package put the layer back
+    assert (ours > 0).any()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_rise_equals_its_formula_per_image_and_mask(model, inputs):
+    from evaluation.attribution import rise_masks
+
+    images, targets = inputs
+    x = model.preprocess(images)
+    softmax = lambda z: z.softmax(dim=1)  # noqa: E731
+    ours = create_method("rise")(model, x, targets, layer="input", probabilities=softmax, n_masks=40, cells=4, seed=3, internal_batch_size=64)
+    masks = rise_masks(40, (32, 32), cells=4, seed=3, dtype=torch.float64)
+    assert torch.equal(rise_masks(8, (32, 32), cells=4, seed=3, first=30, dtype=torch.float64), masks[30:38])  # fixed blocks
+
+    def formula(xi, t):
+        total = sum(softmax(model(xi * masks[i]))[0, t] * masks[i, 0] for i in range(40))
+        return (total / (40 * 0.5))[None]
+
+    torch.testing.assert_close(ours, _per_image(formula, x, targets), rtol=1e-7, atol=1e-12)
+
+
+class CornerModel(nn.Module):
+    """Class 0's score is the mean of the image's top-left 4 x 4 pixels, class 1's of its bottom-right ones."""
+
+    def forward(self, x):
+        return torch.stack([x[..., :4, :4].mean(dim=(1, 2, 3)), x[..., -4:, -4:].mean(dim=(1, 2, 3))], dim=1)
+
+
+def test_rise_puts_a_class_where_its_evidence_is():
+    """Known answer: with the score linear in the mask, E[map(u)] = E[score(M) M(u)] / p, about 1 /
+    p = 2 times larger where the mask decides the score than far from it (less, as upsampled masks
+    are not 0 or 1: 1.4-1.5 times measured)."""
+    images = torch.ones(2, 1, 32, 32, dtype=torch.float64)
+    maps = create_method("rise")(CornerModel(), images, torch.tensor([0, 1]), probabilities=lambda z: z, n_masks=800)
+    top_left, bottom_right = maps[:, :4, :4].mean(dim=(1, 2)), maps[:, -4:, -4:].mean(dim=(1, 2))
+    assert top_left[0] > 1.25 * bottom_right[0] and bottom_right[1] > 1.25 * top_left[1]
+
+
 class FromLayer(nn.Module):
     """The model from a layer's activation to the logits: captum's plain call treats it as the input."""
 
@@ -201,7 +262,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, scorecam; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam; did you mean 'ixg'"):
         create_method("ixgg")
 
 
@@ -373,7 +434,8 @@ def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_li
 
 @pytest.mark.parametrize("method, layer", [("ixg", "input"), ("gbp", "middle"), ("gradcam", "final"), ("intgrad", "input"),
                                            ("lrp", "input"), ("lrp", "middle"), ("bcos", "final"), ("grad", "input"),
-                                           ("gradcampp", "final"), ("layercam", "middle")])  # fmt: skip
+                                           ("gradcampp", "final"), ("layercam", "middle"), ("ablationcam", "final"),
+                                           ("rise", "input")])  # fmt: skip
 def test_targets_of_one_image_share_its_forward_and_equal_one_row_at_a_time(model, inputs, method, layer):
     from evaluation.attribution.common import repeated_rows
 
@@ -381,7 +443,7 @@ def test_targets_of_one_image_share_its_forward_and_equal_one_row_at_a_time(mode
     x = model.preprocess(images[:2]).repeat_interleave(3, dim=0)  # as the grid evaluation lays out targets
     targets = torch.tensor([1, 4, 7, 0, 2, 9])
     assert repeated_rows(x) == 3 and repeated_rows(model.preprocess(images)) == 1
-    options = {"n_steps": 8, "internal_batch_size": 4} if method == "intgrad" else {}  # steps in chunks too
+    options = {"intgrad": {"n_steps": 8, "internal_batch_size": 4}, "rise": {"n_masks": 48}}.get(method, {})  # in chunks too
     shared = create_method(method)(model, x, targets, layer=layer, **options)
     alone = torch.cat([create_method(method)(model, x[i : i + 1], targets[i : i + 1], layer=layer, **options) for i in range(6)])
     torch.testing.assert_close(shared, alone, rtol=1e-7, atol=1e-12)

@@ -14,7 +14,7 @@ from probing.heads import create_head
 from probing.model import ProbedModel
 from probing.zoo import staged_backbone
 
-CHEAP = {"intgrad": {"n_steps": 3}, "lime": {"num_samples": 8, "batch_size": 8}}
+CHEAP = {"intgrad": {"n_steps": 3}, "lime": {"num_samples": 8, "batch_size": 8}, "rise": {"n_masks": 32}}
 
 
 def _small_vit():

@@ -20,7 +20,7 @@ from probing.heads import create_head
 from probing.model import ProbedModel
 
 # cheap settings for the expensive methods (their defaults are tested against references elsewhere)
-CHEAP = {"intgrad": {"n_steps": 4}, "lime": {"num_samples": 16, "batch_size": 16}, "scorecam": {"internal_batch_size": 64}}
+CHEAP = {"intgrad": {"n_steps": 4}, "lime": {"num_samples": 16, "batch_size": 16}, "scorecam": {"internal_batch_size": 64}, "rise": {"n_masks": 64}}
 BACKBONES = {"cnn": tiny_resnet, "bcos": tiny_bcos_resnet}
 HEADS = {"linear": {}, "bcos": {"depth": 2, "width": 8}}
 MODELS = [f"{b}+{h}" for b in BACKBONES for h in HEADS]

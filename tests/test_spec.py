@@ -103,9 +103,9 @@ BAD_SPECS = [
     ("evaluate.layers", ["input", "fc"], "evaluate.layers[1]: unknown layer 'fc': known are input, middle, final"),
     (
         "evaluate.methods",
-        ["ixg", "rize"],
-        "evaluate.methods[1]: unknown attribution method 'rize': known are bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, "
-        "layercam, lime, lrp, occlusion, scorecam",
+        ["ixg", "shap"],
+        "evaluate.methods[1]: unknown attribution method 'shap': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, "
+        "intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam",
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
@@ -119,7 +119,7 @@ BAD_SPECS = [
     (
         "evaluate.smoothing",
         {"igx": {"kind": "avgpool"}},
-        "evaluate.smoothing: unknown attribution method 'igx': known are bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, scorecam; did you mean 'ixg'?",
+        "evaluate.smoothing: unknown attribution method 'igx': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam; did you mean 'ixg'?",
     ),
     ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
     ("search.algorithm", "bayes", "search.algorithm: must be one of 'grid', 'random' or 'optuna', got 'bayes'"),

@@ -7,6 +7,7 @@ explains ``targets[i]`` for ``images[i]``. Each method registers itself beside i
 
 from __future__ import annotations
 
+from evaluation.attribution.ablation_cam import ablation_cam
 from evaluation.attribution.bcos import bcos_explanation
 from evaluation.attribution.cam_variants import grad_cam_plus_plus, layer_cam
 from evaluation.attribution.common import ALL_LAYERS, METHODS, AttributionMethod
@@ -18,6 +19,7 @@ from evaluation.attribution.ixg import input_x_gradient
 from evaluation.attribution.lime import lime
 from evaluation.attribution.lrp import NO_LRP_RULES, lrp
 from evaluation.attribution.occlusion import occlusion
+from evaluation.attribution.rise import rise, rise_masks
 from evaluation.attribution.score_cam import score_cam
 
 __all__ = [
@@ -25,6 +27,9 @@ __all__ = [
     "METHODS",
     "NO_LRP_RULES",
     "AttributionMethod",
+    "ablation_cam",
+    "rise",
+    "rise_masks",
     "bcos_explanation",
     "occlusion",
     "lrp",
