@@ -39,6 +39,7 @@ from probing.registry import Registry, unknown_name
 from probing.settings import Strict, at_most
 from probing.train import Schedule, TrainConfig
 from probing.zoo import CHECKPOINT_FORMATS, WEIGHTS_TAG
+from sweeps.method_options import check_method_options
 from sweeps.space import Range, draw, search_axis, searchable
 from sweeps.spec_files import check_name
 
@@ -325,6 +326,9 @@ class EvaluateSpec(Strict):
     # a method that does not apply to a trial's model (LRP on B-cos layers): refuse the spec (error),
     # or leave the method out of those trials only (skip; the trial tags what it left out)
     refused: Literal["error", "skip"] = "error"
+    # keyword arguments per method, one value, grid values or a range each, e.g.
+    # {intgrad: {n_steps: 50}, lrp: {gamma: [0.1, 0.25]}} (sweeps.method_options)
+    method_options: dict[str, dict[str, Any]] = {}
     # reference (the default, as How to Probe always smooths: Gaussian 129 for ixg/intgrad, 5x5
     # average pooling otherwise); none; or per method name, e.g. {ixg: {kind: gaussian, kernel: 9}}
     # (unnamed methods: none)
@@ -332,6 +336,11 @@ class EvaluateSpec(Strict):
         Annotated[Literal["none", "reference"], Tag(_NAMED)] | Annotated[dict[str, Smoothing], Tag(_PER_METHOD)],
         Discriminator(lambda v: _NAMED if isinstance(v, str) else _PER_METHOD),
     ] = "reference"
+
+    @field_validator("method_options")
+    @classmethod
+    def _options_of_evaluated_methods(cls, v, info: ValidationInfo):
+        return check_method_options(v, info.data.get("methods", []))
 
     @field_validator("smoothing")
     @classmethod

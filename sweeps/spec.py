@@ -38,7 +38,8 @@ from sweeps.settings import (
     check_schedule,
 )
 from sweeps.spec_files import SpecError, check_name, expand_variables, problem_lines, read_spec_file
-from sweeps.space import EPOCH_METRICS, SearchSpec, axis_values, draw, range_paths
+from sweeps.method_options import method_option_choices, option_axes
+from sweeps.space import EPOCH_METRICS, Range, SearchSpec, axis_values, draw, range_paths
 from sweeps.trial import TrialConfig
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
@@ -107,19 +108,25 @@ class SweepSpec(Strict):
             axis_values(self.train.lr), axis_values(self.train.weight_decay),
         )  # fmt: skip
         return [
-            self.trial(backbone, loss, head.drawn(rng), seed, draw(lr, rng), draw(weight_decay, rng))
+            self.trial(backbone, loss, head.drawn(rng), seed, draw(lr, rng), draw(weight_decay, rng), options)
             for backbone, loss, head, seed, lr, weight_decay in axes
             for _ in range(repeats)
+            for options in method_option_choices(self.evaluate.method_options, rng)
         ]
 
-    def trial(self, backbone: BackboneSpec, loss: str, head: dict[str, Any], seed: int, lr: float, weight_decay: float) -> TrialConfig:
+    def trial(
+        self, backbone: BackboneSpec, loss: str, head: dict[str, Any], seed: int, lr: float, weight_decay: float,
+        method_options: dict[str, dict[str, Any]] | None = None,
+    ) -> TrialConfig:  # fmt: skip
         """One trial: the spec's constant sections and these values of its axes (a head's ranges
-        drawn), with the ``train`` settings of the first recipe that matches."""
+        drawn; ``method_options``: the evaluated methods' options, one value each), with the
+        ``train`` settings of the first recipe that matches."""
         train = self.train.model_dump(exclude={"seed", "lr", "weight_decay"}) | {"lr": lr, "weight_decay": weight_decay}
+        evaluate = self.evaluate if method_options is None else self.evaluate.model_copy(update={"method_options": method_options})
         return TrialConfig.model_validate({
             "backbone": backbone, "loss": loss, "head": head, "seed": seed, "logit_bias": self.probe.logit_bias,
             "data": self.data, "features": self.features, "train": train | self.recipe_overrides(head["type"], backbone.name),
-            "evaluate": self.evaluate,
+            "evaluate": evaluate,
         })  # fmt: skip
 
     def recipe_overrides(self, head_type: str, backbone: str) -> dict[str, Any]:
@@ -188,7 +195,10 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _search_fits(self) -> "SweepSpec":
-        search, ranges = self.search, range_paths(self)
+        search, ranges = self.search, range_paths(self) + option_axes(self.evaluate.method_options, (Range,))
+        swept_options = option_axes(self.evaluate.method_options)
+        if search.algorithm == "optuna" and swept_options:
+            raise ValueError(f"{swept_options[0]}: Optuna does not search method options yet; give one value, or use grid or random search")
         if search.algorithm == "grid":
             if ranges:
                 raise ValueError(f"{ranges[0]}: a range needs search.algorithm random or optuna (grid search takes lists)")

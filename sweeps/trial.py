@@ -27,6 +27,7 @@ from evaluation.epg import evaluate_epg
 from evaluation.gridpg import evaluate_gridpg
 from evaluation.metrics import METRICS, grid_metrics
 from evaluation.score_rows import ScoreRows
+from sweeps.method_options import PARAM_PREFIX
 from probing.backbones import create_backbone
 from probing.datasets import create_dataset
 from probing.devices import check_placement, extraction_autocast, trial_device
@@ -114,10 +115,13 @@ class Tracker(Protocol):
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> ``{"head.depth": "2", ...}`` for MLflow params."""
+    """Nested dict -> ``{"head.depth": "2", ...}`` for MLflow params; a method's options are
+    ``method.<name>.<option>`` (``evaluate.method_options`` nests them)."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
+        if name == "evaluate.method_options":
+            name = PARAM_PREFIX.rstrip(".")
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
@@ -180,7 +184,7 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
     score_rows = ScoreRows()
     options = {
         "methods": methods, "layers": evaluate.layers, "seed": evaluate.seed, "smoothing": evaluate.smoothing_per_method(),
-        "on_rows": score_rows.add,
+        "on_rows": score_rows.add, "method_options": evaluate.method_options,
     }  # fmt: skip
     if on_boxes:
         scores |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=evaluate.n_images, on_maps=keep, **options)
