@@ -18,6 +18,7 @@ from evaluation.batching import halving_batches
 from evaluation.grid_models import check_setting, grid_model
 from evaluation.grids import build_grids, confident_mask
 from evaluation.localization import grid_pointing_game
+from evaluation.metrics import METRICS
 from evaluation.smoothing import NO_SMOOTHING, Smoothing, smooth
 from probing.registry import unknown_name
 
@@ -116,7 +117,8 @@ def evaluate_gridpg(
             scored grids whose every cell's image the probe classifies with at least this
             probability. When no grid qualifies, every scored grid counts, and
             ``grids/threshold`` says 0 (it is ``confidence`` otherwise).
-        metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``).
+        metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``) and
+            map metrics scored on GridPG's maps (``compactness``, ``complexity``).
         smoothing: per method name, applied to the maps before scoring. Default: none.
         method_options: keyword arguments per method name (``{"lime": {"num_samples": 100}}``).
         di_cells: ``corners`` (DiFull and DiPart explain the top-left and bottom-right cells, as
@@ -138,8 +140,13 @@ def evaluate_gridpg(
         grids), ``grids/scored`` (the top-1 grids explained), ``grids/candidates``,
         ``grids/threshold`` and ``grids/confident_images``.
     """
-    # metrics checked before any work
-    explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in metrics}
+    # metrics checked before any work; map metrics score the GridPG maps (explained even when
+    # GridPG itself is not asked for)
+    on_maps_of_gridpg = tuple(m for m in metrics if METRICS.get(m).protocol == "maps")
+    settings = tuple(m for m in metrics if m not in on_maps_of_gridpg)
+    explained_settings = settings + (("gridpg",) if on_maps_of_gridpg and "gridpg" not in settings else ())
+    explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in explained_settings}
+    explained |= {m: explained["gridpg"] for m in on_maps_of_gridpg}
     smoothing = smoothing or {}
     predicted = predict_probabilities(model, images, probabilities)
     grids = build_grids(images, labels, confident_mask(predicted, labels, 0.0), grid, n_grids, seed)  # every cell top-1
@@ -156,14 +163,14 @@ def evaluate_gridpg(
         return scores_out
     device = next(model.parameters()).device
     pairs = method_layer_pairs(methods, layers)
-    keys = [(setting, method, layer) for setting in metrics for method, layer in pairs]
+    keys = [(metric, method, layer) for metric in (*settings, *on_maps_of_gridpg) for method, layer in pairs]
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
 
     def score_batch(start: int, stop: int) -> list[tuple]:
         results = []
         grid_images = grids.images[start:stop].to(device)
         grid_inputs = model.preprocess(grid_images)
-        for setting in metrics:
+        for setting in explained_settings:
             chosen = explained[setting].to(device)  # the cells explained in each grid
             per_grid = len(chosen)
             inputs = grid_inputs.repeat_interleave(per_grid, dim=0)  # one row per target
@@ -179,14 +186,18 @@ def evaluate_gridpg(
             for method, layer, maps in explain_pairs(
                 setting_model, inputs, targets, pairs, shared_activation, probabilities, smoothing, method_options
             ):
-                score = grid_pointing_game(maps, grid, cell_index)
-                results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images))
+                if setting in settings:
+                    score = grid_pointing_game(maps, grid, cell_index)
+                    results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images))
+                if setting == "gridpg":
+                    for metric in on_maps_of_gridpg:
+                        results.append(((metric, method, layer), METRICS.get(metric).score(maps.detach()), None, cell_index, grid_images))
         return results
 
     for results in halving_batches(len(grids), grids_per_batch, score_batch, "grid attributions", log):
         for key, score, maps, cell_index, grid_images in results:
             scores[key].append(score.cpu())
-            if on_maps is not None:
+            if on_maps is not None and maps is not None:
                 on_maps(key, maps, cell_index, score, grid_images)
     for (setting, method, layer), values in scores.items():
         values = torch.cat(values)

@@ -1,12 +1,14 @@
 """The localisation metrics a sweep can log: one registry, filled beside each metric's code.
 
-A metric is scored on one of two protocols:
+A metric is scored on one of three protocols:
 
 - ``grids``: n x n grids of confidently classified single-label images (Rao et al., CVPR 2022).
   GridPG explains the plain model; DiFull and DiPart explain a grid model built from it
   (:mod:`evaluation.grid_models`), whose correct attribution is known.
 - ``boxes``: (image, class) rows of multi-label images with boxes, scored by EPG
   (:mod:`evaluation.epg`).
+- ``maps``: a property of the maps GridPG explains (compactness, complexity;
+  :mod:`evaluation.map_metrics`), scored on the same grids and rows.
 
 The score functions themselves are pure (:mod:`evaluation.localization`).
 """
@@ -23,6 +25,7 @@ __all__ = ["METRICS", "Metric", "grid_metrics", "list_metrics", "localisation_me
 PROTOCOL_NEEDS = {
     "grids": "single-label images for its grids",
     "boxes": "a data set with boxes (voc2007, coco2014)",
+    "maps": "single-label images for the GridPG grids it is scored on",
 }
 
 
@@ -34,12 +37,14 @@ class Metric:
         protocol: ``grids`` or ``boxes`` (see the module docstring).
         grid_model: ``grids`` only: ``(model, grid, cells) -> the model to explain``, or None for
             the plain model.
+        score: ``maps`` only: ``maps (B, H, W) -> (B,)``.
     """
 
     name: str
-    protocol: Literal["grids", "boxes"]
+    protocol: Literal["grids", "boxes", "maps"]
     description: str
     grid_model: Callable | None = None
+    score: Callable | None = None
 
     @property
     def needs(self) -> str:
@@ -50,21 +55,25 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def localisation_metric(name: str, protocol: Literal["grids", "boxes"], description: str):
+def localisation_metric(name: str, protocol: Literal["grids", "boxes", "maps"], description: str):
     """Decorator registering the metric ``name``; on a grid model class (or None-returning
-    function for the plain model) it also records how to build the model that is explained."""
+    function for the plain model) it also records how to build the model that is explained, on a
+    ``maps`` metric's function how it scores."""
 
     def add(obj):
-        METRICS.register(name)(Metric(name, protocol, description, obj if protocol == "grids" else None))
+        METRICS.register(name)(
+            Metric(name, protocol, description, obj if protocol == "grids" else None, obj if protocol == "maps" else None)
+        )
         return obj
 
     return add
 
 
-def grid_metrics(names=None) -> tuple[str, ...]:
-    """The ``grids`` metrics among ``names`` (default: all registered), in their given order."""
+def grid_metrics(names=None, protocols: tuple[str, ...] = ("grids",)) -> tuple[str, ...]:
+    """The ``grids`` metrics among ``names`` (default: all registered), in their given order; with
+    ``protocols=("grids", "maps")`` those the grid evaluation scores."""
     names = METRICS.names() if names is None else names
-    return tuple(n for n in names if METRICS.get(n).protocol == "grids")
+    return tuple(n for n in names if METRICS.get(n).protocol in protocols)
 
 
 def list_metrics(pattern: str = "*") -> list[str]:

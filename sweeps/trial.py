@@ -188,7 +188,7 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
     }  # fmt: skip
     if on_boxes:
         scores |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=evaluate.n_images, on_maps=keep, **options)
-    on_grids = grid_metrics(evaluate.metrics)
+    on_grids = grid_metrics(evaluate.metrics, protocols=("grids", "maps"))
     if on_grids:
         scores |= evaluate_gridpg(
             model, val.images, val.labels, loss.probabilities, grid=evaluate.grid, n_grids=evaluate.n_grids,

@@ -7,6 +7,7 @@ RAY_TMPDIR is a short path under /tmp because Ray's socket paths must stay under
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,3 +83,14 @@ def session_processes() -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def wait_for_exit(earlier: set[int], timeout: float = 60) -> list:
+    """Wait until the session processes started since ``earlier`` (their pids, taken before) have
+    exited; returns those still alive after ``timeout`` s. Processes of earlier tests (the test
+    process's own multiprocessing resource tracker lives until the session ends) are not waited
+    for: that cost a full minute per call."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in session_processes() if p.pid not in earlier]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

@@ -258,3 +258,23 @@ def test_a_probe_confident_on_no_candidate_scores_its_correct_grids_and_says_so(
     assert unreachable["grids/threshold"] == 0.0 and unreachable["grids/confident_images"] == 0
     assert unreachable["grids/count"] == unreachable["grids/scored"] == top1["grids/count"] > 0
     assert unreachable["gridpg/ixg/input"] == pytest.approx(top1["gridpg/ixg/input"])
+
+
+def test_map_metrics_score_the_gridpg_maps_with_or_without_gridpg(trained_probe):
+    from evaluation.map_metrics import compactness, complexity
+
+    model, val = trained_probe
+    softmax = lambda z: z.softmax(dim=1)  # noqa: E731
+    settings = dict(methods=["ixg"], layers=["input"], n_grids=6, confidence=0.6)
+    maps, rows = [], {}
+    both = evaluate_gridpg(
+        model, val.images, val.labels, softmax, metrics=("gridpg", "compactness", "complexity"),
+        on_maps=lambda key, m, *rest: maps.append(m), on_rows=lambda key, columns: rows.setdefault(key, columns), **settings,
+    )  # fmt: skip
+    alone = evaluate_gridpg(model, val.images, val.labels, softmax, metrics=("compactness",), **settings)
+    assert "gridpg/ixg/input" not in alone and alone["compactness/ixg/input"] == pytest.approx(both["compactness/ixg/input"])
+    maps = torch.cat(maps)  # the GridPG maps only: map metrics add no AggAtt
+    headline = rows[("compactness", "ixg", "input")]["headline"]
+    assert len(maps) == len(headline) and torch.equal(rows[("gridpg", "ixg", "input")]["grid"], rows[("compactness", "ixg", "input")]["grid"])
+    assert both["compactness/ixg/input"] == pytest.approx(compactness(maps)[headline].mean().item())
+    assert both["complexity/ixg/input"] == pytest.approx(complexity(maps)[headline].mean().item())

@@ -1,5 +1,8 @@
 """GridPG on hand-computed maps (REFERENCE section 5; Rao et al., CVPR 2022)."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +110,35 @@ def test_a_nan_map_or_a_tiny_positive_mass_scores_zero_and_leaves_the_others_alo
         scores = energy_pointing_game(maps, masks)
     assert torch.equal(scores, torch.tensor([1.0, 0.0, 0.0]))
     assert scores.mean() == pytest.approx(1 / 3)  # a mean over them stays a number
+
+
+def _quantus(metric_class, maps):
+    import quantus
+
+    metric = metric_class(abs=True, normalise=False, disable_warnings=True)
+    n = len(maps)
+    return np.array(metric(model=None, x_batch=np.zeros((n, 1, *maps.shape[1:])), y_batch=np.zeros(n, dtype=int),
+                           a_batch=maps.numpy()[:, None].copy(), channel_first=True))  # fmt: skip
+
+
+def test_compactness_and_complexity_equal_quantus_sparseness_and_complexity():
+    import quantus
+
+    from evaluation.map_metrics import compactness, complexity
+
+    maps = torch.randn(6, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    maps[1] = maps[1].clamp(min=0) ** 3  # a peakier map
+    np.testing.assert_allclose(compactness(maps).numpy(), _quantus(quantus.Sparseness, maps), rtol=1e-6)
+    np.testing.assert_allclose(complexity(maps).numpy(), _quantus(quantus.Complexity, maps), rtol=1e-6)
+
+
+def test_compactness_and_complexity_of_a_uniform_and_a_one_pixel_map():
+    from evaluation.map_metrics import compactness, complexity
+
+    uniform, one = torch.ones(1, 8, 8, dtype=torch.float64), torch.zeros(1, 8, 8, dtype=torch.float64)
+    one[0, 3, 5] = 2.0
+    assert compactness(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    # the Gini index's largest value for 64 pixels, less what the 1e-7 on every pixel takes (3e-6 here)
+    assert compactness(one).item() == pytest.approx(1 - 1 / 64, abs=1e-5)
+    assert complexity(uniform).item() == pytest.approx(math.log(64)) and complexity(one).item() == pytest.approx(0.0, abs=1e-9)
+    assert complexity(torch.zeros(1, 8, 8)).item() == 0.0  # no NaN for an all-zero map

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import session_processes
+from conftest import session_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
@@ -74,6 +74,7 @@ def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("moo")
     (workdir / "moo.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    earlier = {p.pid for p in session_processes()}
     driver = subprocess.Popen(
         [PROBESWEEP, "run", "moo.yaml", "--name", "moo"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
@@ -103,9 +104,7 @@ def sweep(tmp_path_factory):
         "children": {c.data.tags["trial_id"]: c.info.status for c in _children(client)},
         "epochs": {c.data.tags["trial_id"]: _epochs(client, c) for c in _children(client)},
     }
-    deadline = time.monotonic() + 60
-    while session_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for_exit(earlier)
     resumed = subprocess.run([PROBESWEEP, "resume", "moo"], cwd=workdir, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return workdir, client, interrupted, resumed

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import session_processes
+from conftest import session_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
@@ -59,6 +59,7 @@ def _wait_until_mid_sweep(client, driver, timeout=600):
 def test_killed_sweep_resumes_without_repeating_work(tmp_path):
     (tmp_path / "resume.yaml").write_text(yaml.safe_dump(SPEC))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    earlier = {p.pid for p in session_processes()}
     driver = subprocess.Popen(
         [PROBESWEEP, "run", "resume.yaml", "--name", "killed"], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -68,9 +69,7 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path):
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    deadline = time.monotonic() + 60  # Ray's processes notice their driver is gone and exit
-    while session_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for_exit(earlier)  # Ray's processes notice their driver is gone and exit
 
     result = subprocess.run([PROBESWEEP, "resume", "killed"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import session_processes
+from conftest import session_processes, wait_for_exit
 from servers import MlflowServer, free_port, ray_environment, ray_node, stop_group
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,8 @@ class Cluster:
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cluster")
     head_port, dashboard_port = free_port(), free_port()
+    # what earlier modules of the session still run is theirs to stop: wait for the cluster's own only
+    earlier = {p.pid for p in session_processes()}
     server = MlflowServer(workdir / "mlflow")
     try:
         with ray_node(head_port=head_port, num_cpus=1, dashboard_port=dashboard_port):
@@ -101,9 +103,7 @@ def cluster(tmp_path_factory):
                 yield Cluster(workdir, dashboard, server, worker)
     finally:
         server.stop()
-        deadline = time.monotonic() + 60
-        while session_processes() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for_exit(earlier)
 
 
 def _children(runs):
