@@ -32,7 +32,7 @@ SPEC = {
     "evaluate": {
         "methods": ["ixg", "gradcam"],
         "layers": ["input", "final"],
-        "metrics": ["gridpg", "difull"],
+        "metrics": ["gridpg", "difull", "compactness"],
         "n_grids": 8,
         "confidence": 0.8,
         # raw maps: DiFull's "a gradient method scores 1" holds before smoothing (the reference's
@@ -110,11 +110,12 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
         # the 8 candidate grids are shared; each probe scores those it is confident on
         assert metrics["val/accuracy"] > 0.8 and 1 <= metrics["grids/count"] <= metrics["grids/candidates"] == 8
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
-        scores = [k for k in metrics if k.startswith(("gridpg/", "difull/")) and k.count("/") == 2]
+        scores = [k for k in metrics if k.startswith(("gridpg/", "difull/", "compactness/")) and k.count("/") == 2]
         # the interval is about the score (up to the float sums of the resampled means)
-        assert len(scores) == 6 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
+        assert len(scores) == 9 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
         stored = {a.path for a in client.list_artifacts(child.info.run_id, "scores")}
-        assert stored == {"scores/gridpg.csv.gz", "scores/difull.csv.gz"}
+        assert stored == {"scores/gridpg.csv.gz", "scores/difull.csv.gz", "scores/compactness.csv.gz"}
+        assert 0 < metrics["compactness/ixg/input"] < 1
         assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "aggatt")}
         assert artifacts == {"aggatt/gridpg-ixg-input.png", "aggatt/gridpg-ixg-final.png",
@@ -142,7 +143,9 @@ def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(swe
         row["score"]: row for row in csv.DictReader((workdir / "reports" / "e2e-sweep" / "effects.csv").open())
         if row["factor"] == "loss"
     }  # fmt: skip
-    assert set(reported) == {"gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "difull/ixg/input", "difull/ixg/final", "difull/gradcam/final"}
+    assert set(reported) == {
+        f"{metric}/{pair}" for metric in ("gridpg", "difull", "compactness") for pair in ("ixg/input", "ixg/final", "gradcam/final")
+    }
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     tables = {}
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
