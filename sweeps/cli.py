@@ -198,21 +198,49 @@ def report(
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
     _name(name)
+    from sweeps.tracking import find_sweep_run, similar_sweeps
+
+    uri = _store(tracking_uri, f"no sweep named {name!r}")
+    parent = find_sweep_run(uri, name)
+    if parent is None:
+        close = similar_sweeps(uri, name)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else " (probesweep ls lists them)"
+        typer.echo(f"no sweep named {name!r} in {redact_uri(uri)}{hint}", err=True)
+        raise typer.Exit(2)
+    output = output or Path.cwd() / "reports" / name
+    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output)
+
+
+def _store(tracking_uri: str | None, nothing: str) -> str:
+    """The tracking URI of an existing store: ``--tracking-uri`` (answering), or ./mlflow.db if it
+    exists (opening a missing one would create an empty store); else exit 2 saying ``nothing``."""
     from sweeps.preflight import check_tracking_store
-    from sweeps.tracking import find_sweep_run
 
     uri = _uri(tracking_uri)
     check_tracking_store(uri)  # MLflow's client would retry a silent server for minutes
     store = Path.cwd() / "mlflow.db"
-    if tracking_uri is None and not store.is_file():  # opening it would create an empty store
-        typer.echo(f"no sweep named {name!r}: there is no MLflow store here ({store}); give --tracking-uri", err=True)
+    if tracking_uri is None and not store.is_file():
+        typer.echo(f"{nothing}: there is no MLflow store here ({store}); give --tracking-uri", err=True)
         raise typer.Exit(2)
-    parent = find_sweep_run(uri, name)
-    if parent is None:
-        typer.echo(f"no sweep named {name!r} in {redact_uri(uri)}", err=True)
-        raise typer.Exit(2)
-    output = output or Path.cwd() / "reports" / name
-    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output)
+    return uri
+
+
+@app.command("ls")
+def list_sweeps_command(tracking_uri: TrackingUri = None) -> None:
+    """List the sweeps in the tracking store, newest first: status, trials, start and end."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sweeps.tracking import list_sweeps
+
+    uri = _store(tracking_uri, "no sweeps")
+    sweeps = list_sweeps(uri)
+    table = Table(title=f"sweeps in {redact_uri(uri)}")
+    for column in ("sweep", "experiment", "status", "trials", "started", "ended"):
+        table.add_column(column)
+    for sweep in sweeps:
+        table.add_row(*(str(sweep[c]) for c in ("sweep", "experiment", "status", "trials", "started", "ended")))
+    Console(width=max(Console().width, 120)).print(table)
 
 
 @app.command()

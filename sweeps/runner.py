@@ -299,7 +299,11 @@ def resume_sweep(
     outcome = SweepOutcome(**record["outcome"])
     shown = outcome.tracking_uri
     outcome = replace(outcome, tracking_uri=secret_uri(shown))  # the real one, from $PROBESWEEP_TRACKING_URI
-    MlflowClient(outcome.tracking_uri).update_run(outcome.parent_run_id, status="RUNNING")
+    client = MlflowClient(outcome.tracking_uri)
+    if client.get_run(outcome.parent_run_id).info.status == "FINISHED":  # Ray would start, and the end time move, for nothing
+        log(f"sweep {name} has finished, every trial with it: nothing to resume (its results follow)")
+        return replace(outcome, n_failed=0, interrupted=False)  # FINISHED: the sweep closed with no failed trial
+    client.update_run(outcome.parent_run_id, status="RUNNING")
     log(f"resuming sweep {name}: {outcome.n_trials} trials, MLflow {shown}, Ray results {folder}")
     prepare_caches(spec, log)  # a fresh node (or a wiped cache) rebuilds what the trials read
 

@@ -121,6 +121,32 @@ def find_sweep_run(uri: str, sweep: str):
     return runs[0] if runs else None
 
 
+def list_sweeps(uri: str) -> list[dict[str, object]]:
+    """Every sweep in the store, newest first: name, experiment, status, trials, start and end
+    (local time, ``-`` while it runs)."""
+    client = MlflowClient(uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    runs = client.search_runs(list(experiments), filter_string=f"tags.`{SWEEP_TAG}` LIKE '%'", order_by=["attributes.start_time DESC"])
+
+    def when(ms):
+        return "-" if not ms else time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
+
+    return [
+        {"sweep": r.data.tags[SWEEP_TAG], "experiment": experiments.get(r.info.experiment_id, "?"), "status": r.info.status,
+         "trials": r.data.params.get("n_trials", "?"), "started": when(r.info.start_time), "ended": when(r.info.end_time)}
+        for r in runs
+    ]  # fmt: skip
+
+
+def similar_sweeps(uri: str, name: str) -> list[str]:
+    """Sweep names in the store that ``name`` may have meant: those it starts (``demo`` for
+    ``demo-20261201-1200``), else the closest spellings."""
+    import difflib
+
+    names = list(dict.fromkeys(str(s["sweep"]) for s in list_sweeps(uri)))
+    return [n for n in names if n.startswith(name)][:3] or difflib.get_close_matches(name, names, n=1)
+
+
 def _timed(method):
     """Adds the call's duration to ``self.seconds`` (what logging costs a trial, see bench/sweep_overhead.py)."""
 

@@ -112,8 +112,10 @@ def test_evaluation_on_all_three_settings(trained_probe):
 
 def test_unknown_setting_is_named(trained_probe):
     model, val = trained_probe
-    with pytest.raises(ValueError, match="unknown localisation setting 'difill': known are difull, dipart, gridpg; did you mean 'difull'"):
+    with pytest.raises(ValueError, match="unknown metric 'difill': known are compactness, complexity, difull, dipart, epg, gridpg; did you mean 'difull'"):
         evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], metrics=("difill",))
+    with pytest.raises(ValueError, match="unknown localisation setting 'epg': known are difull, dipart, gridpg"):
+        evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], metrics=("epg",))  # not a grid metric
 
 
 def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_probe):

@@ -49,3 +49,34 @@ def test_trial_runs_get_their_final_status_from_ray(tmp_path):
     assert {t for t, r in final.items() if "stopped_early" in r.data.tags} == {"stopped", "killed"}
     assert final["stopped"].data.tags["stopped_early"] == "2"
     assert close_trial_runs(uri, experiment_id, parent, {}, epochs=4) == expected  # closed runs stay as they are
+
+
+def _cli(*args, cwd):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probesweep = str(Path(sys.executable).with_name("probesweep"))
+    return subprocess.run([probesweep, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path):
+    from sweeps.tracking import list_sweeps, similar_sweeps
+
+    uri = default_tracking_uri(tmp_path)
+    experiment_id = ensure_experiment(uri, "listing")
+    first = start_sweep_run(uri, experiment_id, "mini-20261201-1200", "name: mini\n", n_trials=4)
+    MlflowClient(uri).set_terminated(first, "FINISHED")
+    start_sweep_run(uri, experiment_id, "demo-20261201-1300", "name: demo\n", n_trials=12)
+    listed = list_sweeps(uri)
+    assert [(s["sweep"], s["status"], s["trials"], s["experiment"]) for s in listed] == [
+        ("demo-20261201-1300", "RUNNING", "12", "listing"), ("mini-20261201-1200", "FINISHED", "4", "listing")
+    ]  # fmt: skip
+    assert listed[0]["ended"] == "-" and listed[1]["ended"] != "-"
+    assert similar_sweeps(uri, "mini") == ["mini-20261201-1200"] and similar_sweeps(uri, "demo-20261201-1330") == ["demo-20261201-1300"]
+    shown = _cli("ls", cwd=tmp_path)
+    assert shown.returncode == 0 and "mini-20261201-1200" in shown.stdout and "FINISHED" in shown.stdout
+    missing = _cli("report", "mini", cwd=tmp_path)
+    assert missing.returncode == 2 and "no sweep named 'mini'" in missing.stderr and "did you mean 'mini-20261201-1200'?" in missing.stderr
+    nowhere = _cli("ls", cwd=tmp_path / "..")
+    assert nowhere.returncode == 2 and "no sweeps: there is no MLflow store here" in nowhere.stderr

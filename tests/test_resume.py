@@ -88,6 +88,11 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path):
             assert "resumed_at_epoch" not in child.data.tags
     parents = [r for r in client.search_runs([children[0].info.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    again = subprocess.run([PROBESWEEP, "resume", "killed"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "sweep killed has finished, every trial with it: nothing to resume" in again.stderr
+    assert "Pareto front" in again.stdout  # its results, read back
+    after = client.get_run(parents[0].info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", parents[0].info.end_time)  # not restarted
 
 
 def test_resume_of_an_unknown_sweep_is_refused(tmp_path):
