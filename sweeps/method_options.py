@@ -3,7 +3,7 @@
 ``{intgrad: {n_steps: 50}, lrp: {gamma: [0.1, 0.25, 0.5]}, rise: {n_masks: 2000}}``. Each option
 is a parameter of the method's own function (unknown ones get the closest name), of the type of
 its default. A value is one value, a list (grid values: grid and random search run each) or a
-range ``{low, high, log}`` (random search draws it). A trial logs its values as the params
+range ``{low, high, log}`` (random search draws it; Optuna searches both). A trial logs its values as the params
 ``method.<name>.<option>``.
 """
 
@@ -19,7 +19,7 @@ from evaluation.attribution import METHODS
 from probing.registry import unknown_name
 from sweeps.space import Range, draw
 
-__all__ = ["PARAM_PREFIX", "check_method_options", "method_option_choices", "option_axes", "tunable_options"]
+__all__ = ["PARAM_PREFIX", "check_method_options", "integer_method_option", "method_option_choices", "option_axes", "tunable_options"]
 
 PARAM_PREFIX = "method."  # MLflow params: method.<name>.<option>
 # what the evaluator passes itself: not options
@@ -72,6 +72,12 @@ def check_method_options(options: dict[str, dict[str, Any]], methods: list[str])
     return options
 
 
+def integer_method_option(method: str, option: str) -> bool:
+    """The option takes integers (its default is an int, not a bool): ranges draw integers."""
+    default = tunable_options(method)[option]
+    return isinstance(default, int) and not isinstance(default, bool)
+
+
 def method_option_choices(options: dict[str, dict[str, Any]], rng: np.random.Generator) -> Iterator[dict[str, dict[str, Any]]]:
     """Every combination of the options' grid values (lists), ranges drawn with ``rng``: the
     concrete options of the trials of one point of the rest of the grid."""
@@ -80,7 +86,7 @@ def method_option_choices(options: dict[str, dict[str, Any]], rng: np.random.Gen
     for values in itertools.product(*axes):
         out: dict[str, dict[str, Any]] = {m: {} for m in options}
         for (method, option), value in zip(keys, values):
-            out[method][option] = draw(value, rng, integer=isinstance(tunable_options(method)[option], int))
+            out[method][option] = draw(value, rng, integer=integer_method_option(method, option))
         yield out
 
 

@@ -3,7 +3,8 @@ one or several objectives, and ASHA early stopping.
 
 Every trial's config is a whole :class:`sweeps.trial.TrialConfig` (dumped: Ray passes plain
 dicts), made by ``SweepSpec.trial`` from the values the searcher chose of the spec's axes
-(``backbone``, ``loss``, ``head``, ``seed``, ``train.{lr, weight_decay}``); ``param_space`` adds
+(``backbone``, ``loss``, ``head``, ``seed``, ``train.{lr, weight_decay}``, the methods' options);
+``param_space`` adds
 only where to log. Optuna's own choices are named ``search/...`` in its study.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.method_options import integer_method_option
 from sweeps.space import Range
 from sweeps.settings import head_label, integer_option
 from sweeps.spec import SweepSpec
@@ -88,8 +90,9 @@ def _labels(items: list, label) -> dict[str, Any]:
 
 
 class OptunaSpace:
-    """Optuna's define-by-run space: lists become choices, ranges are sampled, and a head's own
-    settings (``bcos_b``, ``depth``, ...) are only suggested when that head is chosen.
+    """Optuna's define-by-run space: lists become choices, ranges are sampled (the methods' options
+    too), and a head's own settings (``bcos_b``, ``depth``, ...) are only suggested when that head
+    is chosen.
     (A class, not a closure: Ray pickles the searcher with the experiment state.)"""
 
     def __init__(self, spec: SweepSpec):
@@ -107,6 +110,13 @@ class OptunaSpace:
             for k, v in head_spec
             if v is not None
         }
+        options = {
+            method: {
+                option: _suggest(trial, f"search/method.{method}.{option}", value, integer=integer_method_option(method, option))
+                for option, value in chosen.items()
+            }
+            for method, chosen in spec.evaluate.method_options.items()
+        }  # fmt: skip
         return spec.trial(
             self.backbones[backbone],
             _suggest(trial, "search/loss", spec.probe.loss),
@@ -114,6 +124,7 @@ class OptunaSpace:
             _suggest(trial, "search/seed", spec.train.seed),
             _suggest(trial, "search/lr", spec.train.lr),
             _suggest(trial, "search/weight_decay", spec.train.weight_decay),
+            options,
         ).model_dump()
 
 

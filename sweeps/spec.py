@@ -196,9 +196,6 @@ class SweepSpec(Strict):
     @model_validator(mode="after")
     def _search_fits(self) -> "SweepSpec":
         search, ranges = self.search, range_paths(self) + option_axes(self.evaluate.method_options, (Range,))
-        swept_options = option_axes(self.evaluate.method_options)
-        if search.algorithm == "optuna" and swept_options:
-            raise ValueError(f"{swept_options[0]}: Optuna does not search method options yet; give one value, or use grid or random search")
         if search.algorithm == "grid":
             if ranges:
                 raise ValueError(f"{ranges[0]}: a range needs search.algorithm random or optuna (grid search takes lists)")

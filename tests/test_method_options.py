@@ -59,14 +59,35 @@ def test_grid_values_are_an_axis_of_the_sweep_and_logged_as_method_params():
     assert not any(k.startswith("method.") for k in flatten(plain.trials()[0].model_dump()))  # none given: no param
 
 
-def test_a_range_is_drawn_by_random_search_and_refused_by_grid_search_and_optuna():
+def test_a_range_is_drawn_by_random_search_and_refused_by_grid_search():
     with pytest.raises(SpecError, match="evaluate.method_options.intgrad.n_steps: a range needs search.algorithm random or optuna"):
         _spec({"intgrad": {"n_steps": {"low": 4, "high": 64, "log": True}}})
     spec = _spec({"intgrad": {"n_steps": {"low": 4, "high": 64, "log": True}}}, algorithm="random", num_samples=3)
     drawn = [t.evaluate.method_options["intgrad"]["n_steps"] for t in spec.trials()]
     assert len(drawn) == 3 * 12 and all(isinstance(n, int) and 4 <= n <= 64 for n in drawn) and len(set(drawn)) > 3
-    with pytest.raises(SpecError, match="evaluate.method_options.intgrad.n_steps: Optuna does not search method options yet"):
-        _spec({"intgrad": {"n_steps": [8, 16]}}, algorithm="optuna", num_samples=4)
+
+
+
+def test_optuna_searches_the_options_lists_as_choices_and_ranges_drawn():
+    import optuna
+
+    from sweeps.search import OptunaSpace
+    from sweeps.trainable import RUNTIME_KEY, SEARCH_KEY
+    from sweeps.trial import TrialConfig
+
+    spec = _spec({"intgrad": {"n_steps": {"low": 4, "high": 64, "log": True}}, "gradcam": {"relu": [True, False]}},
+                 algorithm="optuna", num_samples=6)  # fmt: skip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(6):
+        ask = study.ask()
+        config = OptunaSpace(spec)(ask)
+        trial = TrialConfig.model_validate({k: v for k, v in config.items() if k not in (RUNTIME_KEY, SEARCH_KEY)})
+        options = trial.evaluate.method_options
+        assert options["intgrad"]["n_steps"] == ask.params["search/method.intgrad.n_steps"] and 4 <= options["intgrad"]["n_steps"] <= 64
+        assert isinstance(options["intgrad"]["n_steps"], int) and options["gradcam"]["relu"] == ask.params["search/method.gradcam.relu"]
+        seen.add(options["gradcam"]["relu"])
+    assert seen == {True, False}
 
 
 def test_a_trial_explains_with_its_options(tmp_path):
