@@ -55,20 +55,30 @@ def _load(config: Path):
         raise typer.Exit(2) from None
 
 
-def _print_results(uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None) -> None:
-    """The trials best first, the Pareto front with run links, the seed replicates and paired
-    effects, how to open the UI; with ``output``, also ``summary.csv``, ``pareto.png``,
-    ``effects.csv`` and ``effects.png`` there."""
+def _print_results(
+    uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None, sort: dict[str, str] | None = None
+) -> None:
+    """The trials best first (by ``sort``, default the objectives), the Pareto front with run
+    links, the seed replicates and paired effects, how to open the UI; with ``output``, also
+    ``summary.csv``, ``pareto.png``, ``effects.csv`` and ``effects.png`` there."""
     from mlflow import MlflowClient
     from rich.console import Console
 
+    from probing.registry import unknown_name
     from sweeps.effects import effects_csv, forest_figure
-    from sweeps.report import front_rows, pareto_figure, render_effects, render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows
+    from sweeps.report import FIXED, front_rows, pareto_figure, render_effects, render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows
     from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
 
     objectives = sweep_objectives(MlflowClient(uri).get_run(parent_run_id))
-    rows = sort_rows(trial_rows(uri, parent_run_id, list(objectives)), objectives)
-    named = ", ".join(f"{m} ({d})" for m, d in objectives.items())
+    order = sort or objectives
+    rows = trial_rows(uri, parent_run_id, list(dict.fromkeys([*objectives, *order])))
+    known = sorted({"val/accuracy"} | {k for row in rows for k in row if not k.startswith("_") and k not in FIXED})  # numbers
+    for metric in order:
+        if metric not in known:
+            typer.echo(f"--sort: {unknown_name('column', metric, known)}", err=True)
+            raise typer.Exit(2)
+    rows = sort_rows(rows, order)
+    named = ", ".join(f"{m} ({d})" for m, d in order.items())
     table = render_table(rows, title=f"{title}, best first by {named}")
     # as wide as the table needs: a results table with cut-off metric names is useless
     needed = Console(width=100_000).measure(table).maximum
@@ -194,6 +204,10 @@ def report(
     output: Annotated[
         Optional[Path], typer.Option(help="Folder for summary.csv, pareto.png, effects.csv and effects.png. Default: ./reports/<name>.")
     ] = None,
+    sort: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Sort the table by this column, best first (METRIC or METRIC:min; repeat for ties). Default: the objectives."),
+    ] = None,
 ) -> None:
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
@@ -207,8 +221,12 @@ def report(
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else " (probesweep ls lists them)"
         typer.echo(f"no sweep named {name!r} in {redact_uri(uri)}{hint}", err=True)
         raise typer.Exit(2)
+    order = {}
+    for item in sort or []:
+        metric, _, mode = item.rpartition(":") if item.endswith((":min", ":max")) else (item, "", "max")
+        order[metric] = mode
     output = output or Path.cwd() / "reports" / name
-    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output)
+    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output, order)
 
 
 def _store(tracking_uri: str | None, nothing: str) -> str:

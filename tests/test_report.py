@@ -80,3 +80,29 @@ def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path):
     assert missing.returncode == 2 and "no sweep named 'mini'" in missing.stderr and "did you mean 'mini-20261201-1200'?" in missing.stderr
     nowhere = _cli("ls", cwd=tmp_path / "..")
     assert nowhere.returncode == 2 and "no sweeps: there is no MLflow store here" in nowhere.stderr
+
+
+def test_report_sorts_by_a_chosen_column_and_names_an_unknown_one(tmp_path):
+    from sweeps.tracking import TrialRun
+
+    uri = default_tracking_uri(tmp_path)
+    experiment_id = ensure_experiment(uri, "sorting")
+    parent = start_sweep_run(uri, experiment_id, "sorting-1", "name: sorting\n", n_trials=3)
+    client = MlflowClient(uri)
+    for trial_id, accuracy, score in (("aaa", 0.9, 0.2), ("bbb", 0.8, 0.6), ("ccc", 0.7, 0.4)):
+        run = TrialRun(uri, experiment_id, parent, trial_id, f"probe_trial_{trial_id}").__enter__()
+        client.log_metric(run.run_id, "val/accuracy", accuracy)
+        client.log_metric(run.run_id, "gridpg/ixg/input", score)
+        client.set_terminated(run.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+
+    def order(*args):
+        result = _cli("report", "sorting-1", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return [t for line in result.stdout.splitlines() for t in ("aaa", "bbb", "ccc") if line.startswith(f"│ {t}")]
+
+    assert order() == ["aaa", "bbb", "ccc"]  # the objectives: val/accuracy
+    assert order("--sort", "gridpg/ixg/input") == ["bbb", "ccc", "aaa"]
+    assert order("--sort", "gridpg/ixg/input:min") == ["aaa", "ccc", "bbb"]
+    bad = _cli("report", "sorting-1", "--sort", "gridpg/ixg/inptu", cwd=tmp_path)
+    assert bad.returncode == 2 and "--sort: unknown column 'gridpg/ixg/inptu'" in bad.stderr and "did you mean 'gridpg/ixg/input'?" in bad.stderr
