@@ -90,7 +90,11 @@ def _print_results(
         values = ", ".join(f"{m} {row[m]:.3f}" for m in objectives)
         console.print(f"  {row['trial']} {row['backbone']} {row['loss']} {row['head']}: {values}", highlight=False)
         console.print(f"    {run_url(uri, experiment_id, str(row['_run_id']))}", highlight=False, soft_wrap=True)
-    effects, replicates = sweep_effects(uri, parent_run_id)
+    try:
+        effects, replicates = sweep_effects(uri, parent_run_id)
+    except Exception as err:  # the stored rows are artifacts: a store may hold the runs but not reach them
+        console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False)
+        effects, replicates = [], []
     if replicates:
         console.print(render_replicates(replicates))
     if effects:

@@ -106,3 +106,25 @@ def test_report_sorts_by_a_chosen_column_and_names_an_unknown_one(tmp_path):
     assert order("--sort", "gridpg/ixg/input:min") == ["aaa", "ccc", "bbb"]
     bad = _cli("report", "sorting-1", "--sort", "gridpg/ixg/inptu", cwd=tmp_path)
     assert bad.returncode == 2 and "--sort: unknown column 'gridpg/ixg/inptu'" in bad.stderr and "did you mean 'gridpg/ixg/input'?" in bad.stderr
+
+
+def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_path):
+    import gzip
+
+    from sweeps.tracking import TrialRun
+
+    uri = default_tracking_uri(tmp_path)
+    experiment_id = ensure_experiment(uri, "unreadable")
+    parent = start_sweep_run(uri, experiment_id, "unreadable-1", "name: unreadable\n", n_trials=1)
+    client = MlflowClient(uri)
+    run = TrialRun(uri, experiment_id, parent, "aaa", "probe_trial_aaa").__enter__()
+    client.log_metric(run.run_id, "val/accuracy", 0.9)
+    table = tmp_path / "gridpg.csv.gz"
+    table.write_bytes(gzip.compress(b"not,a,score,table\n"))
+    client.log_artifact(run.run_id, str(table), "scores")
+    client.set_terminated(run.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    result = _cli("report", "unreadable-1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "│ aaa" in result.stdout and "no effects or replicates: the trials' stored scores could not be read" in result.stdout
+    assert "gridpg.csv.gz: not a score table" in result.stdout
