@@ -35,7 +35,10 @@ from evaluation.intervals import LEVEL, bootstrap_pvalues, hierarchical_interval
 from evaluation.score_rows import headline_rows, read_rows, unit_scores
 from sweeps.settings import head_label
 
-__all__ = ["Effect", "TrialScores", "effects_csv", "forest_figure", "load_trial_scores", "paired_effects", "replicate_scores"]
+__all__ = [
+    "Effect", "TrialScores", "effects_csv", "factors_of", "forest_figure", "head_of", "load_trial_scores", "paired_effects",
+    "replicate_scores",
+]
 
 ALPHA = 1 - LEVEL
 SEED = "seed"
@@ -81,11 +84,16 @@ class Effect:
         return f"{self.factor} {self.level} - {self.baseline}"
 
 
+def head_of(params: dict[str, str]) -> str:
+    """The head label (``bcos-d2-w256``) of a run's ``head.*`` params."""
+    return head_label({k.removeprefix("head."): v for k, v in params.items() if k.startswith("head.")})
+
+
 def factors_of(params: dict[str, str]) -> dict[str, str]:
     """A run's parameters as factors: ``backbone.name`` -> ``backbone``, every ``head.*`` -> one
     ``head`` (its label, ``bcos-d2-w256``), ``evaluate.smoothing`` -> ``smoothing``; the rest as
     logged."""
-    out = {"head": head_label({k.removeprefix("head."): v for k, v in params.items() if k.startswith("head.")})}
+    out = {"head": head_of(params)}
     renamed = {"backbone.name": "backbone", "evaluate.smoothing": "smoothing"}
     out |= {renamed.get(k, k): v for k, v in params.items() if not k.startswith("head.")}
     return out

@@ -44,7 +44,7 @@ def _check_value(where: str, value: Any, default: Any) -> Any:
             raise ValueError(f"{where}: a list of grid values needs at least one value")
         return [_check_value(f"{where}[{i}]", v, default) for i, v in enumerate(value)]
     if isinstance(value, Range):
-        if kind not in (int, float) or kind is bool:
+        if kind not in (int, float):  # type(True) is bool: refused too
             raise ValueError(f"{where}: a range needs a number option, this one is {kind.__name__}")
         if kind is int and not (float(value.low).is_integer() and float(value.high).is_integer()):
             raise ValueError(f"{where}: needs integer ends, got low {value.low:g} and high {value.high:g}")

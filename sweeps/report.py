@@ -13,11 +13,10 @@ from typing import Sequence
 from mlflow import MlflowClient
 
 from evaluation.metrics import METRICS
-from sweeps.effects import Effect, effects_csv, forest_figure, load_trial_scores, paired_effects, replicate_scores
-from sweeps.settings import head_label
+from sweeps.effects import Effect, effects_csv, forest_figure, head_of, load_trial_scores, paired_effects, replicate_scores
 
 __all__ = [
-    "front_rows", "is_localisation_score", "log_sweep_summary", "pareto_front", "pareto_figure", "render_effects",
+    "front_rows", "grids_label", "is_localisation_score", "log_sweep_summary", "pareto_front", "pareto_figure", "render_effects",
     "render_replicates", "render_table", "sort_rows", "summary_csv", "sweep_effects", "sweep_runs", "trial_rows",
 ]
 
@@ -30,11 +29,7 @@ def is_localisation_score(metric: str) -> bool:
 FIXED = ("trial", "backbone", "loss", "head", "status", "val/accuracy", "grids")
 
 
-def _head_label(params: dict[str, str]) -> str:
-    return head_label({k.removeprefix("head."): v for k, v in params.items() if k.startswith("head.")})
-
-
-def _grids(logged: dict[str, float]) -> object:
+def grids_label(logged: dict[str, float]) -> object:
     """The grids a trial scored; ``"N top-1"`` when no candidate reached the spec's confidence and
     its correctly classified grids were scored instead (``grids/threshold`` 0)."""
     if "grids/count" not in logged:
@@ -66,10 +61,10 @@ def trial_rows(uri: str, parent_run_id: str, metrics: Sequence[str] = ()) -> lis
             "trial": run.data.tags.get("trial_id", run.info.run_name),
             "backbone": params.get("backbone.name", "?"),
             "loss": params.get("loss", "?"),
-            "head": _head_label(params),
+            "head": head_of(params),
             "status": run.info.status,
             "val/accuracy": logged.get("val/accuracy"),
-            "grids": _grids(logged),
+            "grids": grids_label(logged),
         }
         row |= {k: v for k, v in sorted(logged.items()) if is_localisation_score(k) or k in metrics}
         row["_ci"] = {k: (logged[f"{k}/ci_low"], logged[f"{k}/ci_high"]) for k in row if f"{k}/ci_low" in logged and f"{k}/ci_high" in logged}

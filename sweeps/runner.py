@@ -76,7 +76,7 @@ def trial_param_space(runtime: dict) -> dict:
 def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], None]):
     from ray import tune
 
-    from sweeps.report import is_localisation_score
+    from sweeps.report import grids_label, is_localisation_score
     from sweeps.tracking import close_trial_runs
 
     total = outcome.n_trials
@@ -122,8 +122,8 @@ def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], 
             scores = ", ".join(
                 f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k) and not math.isnan(v)
             )
-            top1 = "top-1 " if result.get("grids/threshold") == 0.0 else ""  # confident on no grid: its correct ones
-            counted = [f"{int(result[k])} {top1 if k == 'grids/count' else ''}{k.split('/')[0]}" for k in ("grids/count", "epg/rows") if k in result]
+            counted = [f"{grids_label(result)} grids"] if "grids/count" in result else []  # "34 top-1 grids": confident on none
+            counted += [f"{int(result['epg/rows'])} epg"] if "epg/rows" in result else []
             log(
                 f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
                 f"{head_label(trial.config['head'])}: {stopped}"

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from evaluation.intervals import hierarchical_interval, holm, percentile_interval
 from evaluation.score_rows import ScoreRows, read_rows, unit_scores
 from sweeps.effects import TrialScores, factors_of, forest_figure, paired_effects, replicate_scores
-from sweeps.report import _cell, _grids, render_effects, summary_csv, sweep_effects, sweep_runs
+from sweeps.report import _cell, grids_label, render_effects, summary_csv, sweep_effects, sweep_runs
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
 
@@ -105,8 +105,8 @@ def test_forest_figure_shows_one_line_per_effect():
 def test_results_table_cells_show_the_interval_and_top1_grids():
     assert _cell(0.3184, (0.2712, 0.3633)) == "0.318 [0.27, 0.36]"
     assert _cell(0.3184) == "0.318" and _cell(0.3184, (float("nan"), float("nan"))) == "0.318"
-    assert _grids({"grids/count": 12.0, "grids/threshold": 0.0}) == "12 top-1"
-    assert _grids({"grids/count": 12.0, "grids/threshold": 0.8}) == 12 and _grids({}) is None
+    assert grids_label({"grids/count": 12.0, "grids/threshold": 0.0}) == "12 top-1"
+    assert grids_label({"grids/count": 12.0, "grids/threshold": 0.8}) == 12 and grids_label({}) is None
     rows = [{"trial": "t0", "gridpg/ixg/input": 0.5, "_ci": {"gridpg/ixg/input": (0.4, 0.6)}, "_run_id": "r"}]
     table = list(csv.DictReader(io.StringIO(summary_csv(rows))))
     assert table[0]["gridpg/ixg/input/ci_low"] == "0.4" and table[0]["gridpg/ixg/input/ci_high"] == "0.6" and table[0]["run_id"] == "r"
