@@ -104,7 +104,11 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(served_sweep):
             page.get_by_role("button", name="Columns").click()
             page.get_by_placeholder("Search columns").fill("gridpg/ixg/input")
             tree = page.get_by_test_id("column-selector-tree")
-            tree.locator(".du-bois-light-tree-treenode", has_text="gridpg/ixg/input").locator(".du-bois-light-tree-checkbox").click()
+            # the exact column: its 95% interval's bounds (gridpg/ixg/input/ci_low, ...) match the search too
+            tree.locator(".du-bois-light-tree-treenode").first.wait_for()
+            nodes = tree.locator(".du-bois-light-tree-treenode").all()
+            (column,) = [n for n in nodes if n.inner_text().strip() == "gridpg/ixg/input"]
+            column.locator(".du-bois-light-tree-checkbox").click()
             page.keyboard.press("Escape")
             for name in children:
                 page.get_by_text(name, exact=True).wait_for(timeout=30_000)
