@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AGGATT_PERCENTILES", "AggAtt", "aggatt_bins", "aggatt_figure"]
+__all__ = [
+    "AGGATT_PERCENTILES", "AggAtt", "aggatt_bins", "aggatt_figure", "comparison_figure", "draw_bin", "heatmap_gallery", "load_aggatt",
+    "save_aggatt", "save_examples", "load_examples", "examples_comparison_figure",
+]
 
 AGGATT_PERCENTILES = (0, 2, 5, 50, 95, 98, 100)
 CLIP_PERCENTILE = 99.5
+STORED_SIDE = 128  # pixels a side of stored bin maps (save_aggatt)
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,148 @@ def aggatt_bins(maps: torch.Tensor, scores: torch.Tensor, percentiles=AGGATT_PER
     return AggAtt(stacked, counts, labels, vmax)
 
 
-def aggatt_figure(aggatt: AggAtt, title: str = ""):
-    """A matplotlib figure: one panel per bin, one colour scale [0, vmax]."""
+def aggatt_figure(aggatt: AggAtt, title: str = "", grid: int | None = None):
+    """A matplotlib figure: one panel per bin on one colour scale [0, vmax] with its colour bar; a
+    bin with no maps is an empty, labelled panel (not a black square); ``grid``: outline the cells
+    of a ``grid`` x ``grid`` grid image."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on Ray workers
     import matplotlib.pyplot as plt
 
     n_bins = len(aggatt.counts)
-    figure, axes = plt.subplots(1, n_bins, figsize=(1.8 * n_bins, 2.2), squeeze=False)
+    figure, axes = plt.subplots(1, n_bins, figsize=(1.8 * n_bins + 0.8, 2.4), squeeze=False, layout="constrained")
+    shown = None
     for ax, image, label, count in zip(axes[0], aggatt.maps, aggatt.labels, aggatt.counts):
-        ax.imshow(image.cpu().numpy(), cmap="inferno", vmin=0.0, vmax=max(aggatt.vmax, 1e-12))
-        ax.set_title(f"{label}\n({count})", fontsize=8)
-        ax.axis("off")
+        draw_bin(ax, image, aggatt.vmax, count, grid)
+        ax.set_title(f"{label}\n({count} maps)", fontsize=8)
+        shown = ax.images[0] if ax.images else shown
+    if shown is not None:
+        figure.colorbar(shown, ax=list(axes[0]), shrink=0.8, label="mean positive attribution")
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    return figure
+
+
+def draw_bin(ax, image: torch.Tensor, vmax: float, count: int, grid: int | None = None) -> None:
+    """One AggAtt panel: the bin's mean map on the scale [0, vmax] with the grid's cells outlined,
+    or "no maps" where the bin is empty."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if count == 0:
+        ax.text(0.5, 0.5, "no maps", ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
+        return
+    height, width = image.shape
+    ax.imshow(image.float().cpu().numpy(), cmap="inferno", vmin=0.0, vmax=max(vmax, 1e-12))
+    for k in range(1, grid or 1):
+        ax.axhline(k * height / grid - 0.5, color="white", linewidth=0.6, alpha=0.7)
+        ax.axvline(k * width / grid - 0.5, color="white", linewidth=0.6, alpha=0.7)
+
+
+def save_aggatt(aggatt: AggAtt, path, max_side: int = STORED_SIDE) -> None:
+    """Store the bins as ``.npz`` (float16 maps, pooled to at most ``max_side`` pixels a side: what
+    a figure panel shows), for figures that put several probes side by side."""
+    import numpy as np
+
+    maps = _pooled(aggatt.maps.float()[:, None], max_side)[:, 0]
+    np.savez_compressed(path, maps=maps.numpy().astype(np.float16), counts=np.array(aggatt.counts),
+                        labels=np.array(aggatt.labels), vmax=np.array(aggatt.vmax))  # fmt: skip
+
+
+def _pooled(batch: torch.Tensor, max_side: int) -> torch.Tensor:
+    """(N, C, H, W) averaged over square blocks so that no side is over ``max_side``."""
+    factor = -(-max(batch.shape[-2:]) // max_side)
+    return torch.nn.functional.avg_pool2d(batch, factor, ceil_mode=True) if factor > 1 else batch
+
+
+def save_examples(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, path, max_side: int = STORED_SIDE) -> None:
+    """Store a gallery's examples as ``.npz``: images (uint8) and maps (float16) pooled to at most
+    ``max_side`` pixels a side, their scores, and ``ids`` (each example's grid or row, the same
+    for every probe), so that several probes' galleries can be shown on the same examples."""
+    import numpy as np
+
+    pictures = (_pooled(images.float().cpu(), max_side).clamp(0, 1) * 255).round().to(torch.uint8)
+    np.savez_compressed(path, images=pictures.numpy(), maps=_pooled(maps.float().cpu()[:, None], max_side)[:, 0].numpy().astype(np.float16),
+                        scores=scores.float().cpu().numpy(), ids=ids.cpu().numpy())  # fmt: skip
+
+
+def load_examples(path) -> dict[str, torch.Tensor]:
+    """Examples stored by :func:`save_examples`: ``images`` (N, 3, H, W) in [0, 1], ``maps``, ``scores``, ``ids``."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as stored:
+        return {"images": torch.from_numpy(stored["images"]).float() / 255, "maps": torch.from_numpy(stored["maps"].astype(np.float32)),
+                "scores": torch.from_numpy(stored["scores"]), "ids": torch.from_numpy(stored["ids"])}  # fmt: skip
+
+
+def examples_comparison_figure(probes: list[tuple[str, dict[str, torch.Tensor]]], title: str = "", rows: int = 4, max_probes: int = 24):
+    """Several probes' explanations of the same examples: a column per probe (the first
+    ``max_probes``), a row per example that every probe's gallery holds (the first ``rows``, by
+    id), each map over its image on its own scale with its score. None when the probes share no
+    example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = probes[:max_probes]
+    common = set.intersection(*(set(examples["ids"].tolist()) for _, examples in shown)) if shown else set()
+    chosen = sorted(common)[:rows]
+    if not chosen:
+        return None
+    figure, axes = plt.subplots(len(chosen), len(shown), figsize=(1.7 * len(shown), 1.8 * len(chosen) + 0.6), squeeze=False, layout="constrained")
+    for column, (name, examples) in enumerate(shown):
+        where = {int(i): k for k, i in enumerate(examples["ids"].tolist())}
+        axes[0, column].set_title(name, fontsize=8)
+        for row, example in enumerate(chosen):
+            k, ax = where[example], axes[row, column]
+            positive = examples["maps"][k].clamp(min=0).double()
+            top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
+            ax.imshow(examples["images"][k].permute(1, 2, 0).numpy())
+            ax.imshow((positive / top).clamp(max=1).numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"score {float(examples['scores'][k]):.2f}", fontsize=7)
+            if column == 0:
+                ax.set_ylabel(f"#{example}", fontsize=8)
+    figure.suptitle((title or "examples") + ": the same examples, a column per probe", fontsize=9)
+    return figure
+
+
+def load_aggatt(path) -> AggAtt:
+    """Bins stored by :func:`save_aggatt`."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as stored:
+        return AggAtt(torch.from_numpy(stored["maps"].astype(np.float32)), stored["counts"].tolist(), stored["labels"].tolist(), float(stored["vmax"]))
+
+
+def comparison_figure(probes: list[tuple[str, AggAtt]], title: str = "", grid: int | None = None, max_probes: int = 24):
+    """Several probes' AggAtt side by side: a column per probe (in the given order, the first
+    ``max_probes``), a row per bin, each column on its own probe's scale (its bins' 99.5th
+    percentile is 1), so that where the attribution goes is compared, not its size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = probes[:max_probes]
+    n_bins = max(len(a.counts) for _, a in shown)
+    figure, axes = plt.subplots(
+        n_bins, len(shown), figsize=(1.5 * len(shown) + 1.4, 1.45 * n_bins + 0.9), squeeze=False, layout="constrained"
+    )
+    image = None
+    for column, (name, aggatt) in enumerate(shown):
+        axes[0, column].set_title(name, fontsize=8)
+        for row, (bin_map, label, count) in enumerate(zip(aggatt.maps, aggatt.labels, aggatt.counts)):
+            draw_bin(axes[row, column], bin_map / max(aggatt.vmax, 1e-12), 1.0, count, grid)
+            image = axes[row, column].images[0] if axes[row, column].images else image
+            if column == 0:
+                axes[row, column].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    if image is not None:
+        figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attribution / the probe's 99.5th pct.")
+    left_out = f" (the first {max_probes} of {len(probes)} probes)" if len(probes) > max_probes else ""
+    figure.suptitle((title or "AggAtt") + left_out + ": best to worst localised, top to bottom", fontsize=9)
     return figure
 
 
@@ -91,7 +221,8 @@ def heatmap_gallery(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tens
 
     n = len(images)
     rows = max(1, -(-n // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows), squeeze=False)
+    # constrained: the panels' titles stay clear of the images above them
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, heat, score in zip(axes.flat, images, maps, scores):
@@ -102,5 +233,4 @@ def heatmap_gallery(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tens
         ax.set_title(f"score {float(score):.2f}", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     return figure

@@ -75,7 +75,7 @@ def evaluate_epg(
             lazy image list); boxes: the split's boxes (``probing.datasets.Split.boxes``).
         probabilities: logits -> probabilities, for the methods that use them.
         on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
-            their scores and their images.
+            their scores, their images and their indices among the rows (the same for every probe).
         on_rows: called once per ``("epg", method, layer)`` with its rows: ``image`` (index in
             ``images``), ``class``, ``confidence`` (the probe's probability of the class on the
             image) and ``score``. The rows depend on the boxes and ``seed`` only: every probe of
@@ -115,15 +115,15 @@ def evaluate_epg(
             model, inputs[which], targets, pairs, shared_activation, probabilities, smoothing, method_options
         ):
             score = energy_pointing_game(maps, masks)
-            results.append(((method, layer), score, maps.detach() if on_maps else None, targets, pictures[which.cpu()]))
+            results.append(((method, layer), score, maps.detach() if on_maps else None, targets, pictures[which.cpu()], torch.arange(start, stop)))
         return confidence, results
 
     for confidence, results in halving_batches(len(rows), rows_per_batch, score_batch, "EPG attributions", log):
         confidences.append(confidence)
-        for (method, layer), score, maps, targets, pictures in results:
+        for (method, layer), score, maps, targets, pictures, ids in results:
             scores[(method, layer)].append(score.cpu())
             if on_maps is not None:
-                on_maps(("epg", method, layer), maps, targets, score, pictures)
+                on_maps(("epg", method, layer), maps, targets, score, pictures, ids)
     for (method, layer), values in scores.items():
         if values:
             values = torch.cat(values)

@@ -124,8 +124,9 @@ def evaluate_gridpg(
         di_cells: ``corners`` (DiFull and DiPart explain the top-left and bottom-right cells, as
             Rao et al.) or ``all``. GridPG explains every cell.
         on_maps: called per batch with ``(setting, method, layer)``, the (smoothed) maps, their
-            target cells, scores and the batch's grid images (one per explained cells' rows), e.g.
-            to build AggAtt figures and example galleries.
+            target cells, scores, the batch's grid images (one per grid) and the rows' grid ids
+            (their candidates' indices, the same for every probe), e.g. to build AggAtt figures
+            and example galleries.
         grids_per_batch: grids explained together; halved when a batch runs out of GPU memory
             (logged to ``log``).
         on_rows: called once per ``(setting, method, layer)`` with its scored rows, one per
@@ -176,6 +177,7 @@ def evaluate_gridpg(
             inputs = grid_inputs.repeat_interleave(per_grid, dim=0)  # one row per target
             targets = grids.classes[start:stop][:, chosen.cpu()].flatten().to(device)
             cell_index = chosen.repeat(len(grid_inputs))
+            ids = grids.ids[start:stop].repeat_interleave(per_grid)
             setting_model = grid_model(setting, model, grid, cell_index)
             first_rows = model_rows(setting_model, torch.arange(0, len(inputs), per_grid))
 
@@ -188,17 +190,17 @@ def evaluate_gridpg(
             ):
                 if setting in settings:
                     score = grid_pointing_game(maps, grid, cell_index)
-                    results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images))
+                    results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images, ids))
                 if setting == "gridpg":
                     for metric in on_maps_of_gridpg:
-                        results.append(((metric, method, layer), METRICS.get(metric).score(maps.detach()), None, cell_index, grid_images))
+                        results.append(((metric, method, layer), METRICS.get(metric).score(maps.detach()), None, cell_index, grid_images, ids))
         return results
 
     for results in halving_batches(len(grids), grids_per_batch, score_batch, "grid attributions", log):
-        for key, score, maps, cell_index, grid_images in results:
+        for key, score, maps, cell_index, grid_images, ids in results:
             scores[key].append(score.cpu())
             if on_maps is not None and maps is not None:
-                on_maps(key, maps, cell_index, score, grid_images)
+                on_maps(key, maps, cell_index, score, grid_images, ids)
     for (setting, method, layer), values in scores.items():
         values = torch.cat(values)
         counted = headline.repeat_interleave(len(explained[setting]))

@@ -27,6 +27,12 @@ TrackingUri = Annotated[
     typer.Option("--tracking-uri", help="MLflow store. Default: sqlite:///<current directory>/mlflow.db."),
 ]
 
+Dashboard = Annotated[bool, typer.Option("--dashboard", help="Start Ray's dashboard with the local Ray instance, on 127.0.0.1.")]
+RayResults = Annotated[
+    bool,
+    typer.Option("--ray-results", help="Let Ray Tune write its own result files too (ResultGrid, TensorBoard). Default: MLflow only."),
+]
+
 
 def _uri(tracking_uri: str | None) -> str:
     from sweeps.tracking import default_tracking_uri
@@ -56,17 +62,23 @@ def _load(config: Path):
 
 
 def _print_results(
-    uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None, sort: dict[str, str] | None = None
+    uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None, sort: dict[str, str] | None = None,
+    group_by: list[str] | None = None, wide: bool = False,
 ) -> None:
     """The trials best first (by ``sort``, default the objectives), the Pareto front with run
     links, the seed replicates and paired effects, how to open the UI; with ``output``, also
-    ``summary.csv``, ``pareto.png``, ``effects.csv`` and ``effects.png`` there."""
+    ``summary.csv``, ``pareto.png``, ``effects.csv`` and ``effects.png`` there. On a terminal the
+    table leaves out the metric columns that do not fit (and says so) unless ``wide``; written to
+    a file or pipe it has them all. ``group_by``: a table of each column's groups after it."""
     from mlflow import MlflowClient
     from rich.console import Console
 
     from probing.registry import unknown_name
     from sweeps.effects import effects_csv, forest_figure
-    from sweeps.report import FIXED, front_rows, pareto_figure, render_effects, render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows
+    from sweeps.report import (
+        FIXED, GROUP_COLUMNS, fitting_metrics, front_rows, group_rows, metric_columns, pareto_figure, render_effects, render_groups,
+        render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows,
+    )  # fmt: skip
     from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
 
     objectives = sweep_objectives(MlflowClient(uri).get_run(parent_run_id))
@@ -77,14 +89,27 @@ def _print_results(
         if metric not in known:
             typer.echo(f"--sort: {unknown_name('column', metric, known)}", err=True)
             raise typer.Exit(2)
+    params = {k for row in rows for k in row.get("_params") or {}}
+    for column in group_by or []:
+        if column not in (*GROUP_COLUMNS, *params):
+            typer.echo(f"--group-by: {unknown_name('column', column, sorted([*GROUP_COLUMNS, *params]))}", err=True)
+            raise typer.Exit(2)
     rows = sort_rows(rows, order)
     named = ", ".join(f"{m} ({d})" for m, d in order.items())
-    table = render_table(rows, title=f"{title}, best first by {named}")
-    # as wide as the table needs: a results table with cut-off metric names is useless
+    terminal = Console()
+    shown = metric_columns(rows)
+    if terminal.is_terminal and not wide:  # cut-off metric names are useless: whole columns are left out
+        shown = fitting_metrics(rows, terminal.width, keep=[*objectives, *order])
+    table = render_table(rows, title=f"{title}, best first by {named}", metrics=shown)
     needed = Console(width=100_000).measure(table).maximum
-    console = Console(width=max(Console().width, needed))
+    console = Console(width=max(terminal.width, needed))
     console.print(table)
+    if len(shown) < len(metric_columns(rows)):
+        console.print(f"{len(metric_columns(rows)) - len(shown)} metric columns do not fit this terminal: --wide shows them (summary.csv has all)", highlight=False)
+    for column in group_by or []:
+        console.print(render_groups(group_rows(rows, column), column))
     front = front_rows(rows, objectives)
+    console.print(f"The answer on the sweep's MLflow run (results table, best values, figures): {run_url(uri, experiment_id, parent_run_id)}", highlight=False, soft_wrap=True)
     console.print(f"Pareto front of {named}: {len(front)} trial(s)", highlight=False)
     for row in front:
         values = ", ".join(f"{m} {row[m]:.3f}" for m in objectives)
@@ -135,6 +160,8 @@ def run(
     storage: Annotated[
         Optional[str], typer.Option(help="Ray results folder (a cluster: one every node reaches). Default: the spec's, or ./ray_results.")
     ] = None,
+    dashboard: Dashboard = False,
+    ray_results: RayResults = False,
 ) -> None:
     """Validate a sweep spec, run all its trials with Ray Tune, and print the results table."""
     from sweeps.spec import DEMO_SPEC
@@ -145,7 +172,7 @@ def run(
         typer.echo(f"warning: {warning}", err=True)
     from sweeps.runner import run_sweep
 
-    _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, storage=storage, log=log))
+    _finish(lambda log: run_sweep(spec, name=name, address=address, tracking_uri=tracking_uri, storage=storage, dashboard=dashboard, ray_results=ray_results, log=log))
 
 
 @app.command()
@@ -159,6 +186,8 @@ def resume(
         Optional[str],
         typer.Option("--tracking-uri", help="The sweep's tracking URI, where it holds a password or token (never stored)."),
     ] = None,
+    dashboard: Dashboard = False,
+    ray_results: RayResults = False,
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, the others resume from their checkpoints."""
     _name(name)
@@ -168,7 +197,7 @@ def resume(
         os.environ[SECRET_URI_ENV] = tracking_uri  # read in place of the stored, redacted one
     from sweeps.runner import resume_sweep
 
-    _finish(lambda log: resume_sweep(name, storage=storage, address=address, log=log))
+    _finish(lambda log: resume_sweep(name, storage=storage, address=address, dashboard=dashboard, ray_results=ray_results, log=log))
 
 
 def _finish(start) -> None:
@@ -212,6 +241,11 @@ def report(
         Optional[list[str]],
         typer.Option(help="Sort the table by this column, best first (METRIC or METRIC:min; repeat for ties). Default: the objectives."),
     ] = None,
+    group_by: Annotated[
+        Optional[list[str]],
+        typer.Option("--group-by", help="Also show the mean scores per group of this column (loss, head, backbone, or a param such as train.lr); repeatable."),
+    ] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Show every metric column, however wide the terminal.")] = False,
 ) -> None:
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
@@ -230,7 +264,31 @@ def report(
         metric, _, mode = item.rpartition(":") if item.endswith((":min", ":max")) else (item, "", "max")
         order[metric] = mode
     output = output or Path.cwd() / "reports" / name
-    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output, order)
+    _print_results(uri, parent.info.run_id, parent.info.experiment_id, f"sweep {name} ({parent.info.status})", output, order, group_by, wide)
+
+
+@app.command()
+def results(
+    name: Annotated[str, typer.Argument(help="Sweep name (as printed by `probesweep run`).")],
+    tracking_uri: TrackingUri = None,
+    output: Annotated[Optional[Path], typer.Option(help="CSV file to write. Default: standard output.")] = None,
+) -> None:
+    """Write a sweep's trials as CSV, one row each, with every param, metric and tag (the columns of
+    mlflow.search_runs; in Python: sweeps.results.results(name) gives the DataFrame)."""
+    _name(name)
+    from sweeps.results import results as sweep_results
+
+    uri = _store(tracking_uri, f"no sweep named {name!r}")
+    try:
+        frame = sweep_results(name, uri)
+    except ValueError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    if output is None:
+        typer.echo(frame.to_csv(index=False), nl=False)
+    else:
+        frame.to_csv(output, index=False)
+        typer.echo(f"wrote {len(frame)} trials to {output}", err=True)
 
 
 def _store(tracking_uri: str | None, nothing: str) -> str:
@@ -270,12 +328,19 @@ def ui(
     tracking_uri: TrackingUri = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=1, max=65535)] = 5000,
 ) -> None:
-    """Start the MLflow UI on the sweep store, bound to 127.0.0.1."""
-    from sweeps.tracking import ui_command
+    """Start the MLflow UI on the sweep store, bound to 127.0.0.1, and say where the newest sweep's
+    runs are."""
+    from sweeps.tracking import CLASSIC_VIEW, list_sweeps, ui_command
 
-    command = ui_command(_uri(tracking_uri), port=port)
+    uri = _uri(tracking_uri)
+    command = ui_command(uri, port=port)
     shown = redact_uri(" ".join(command))
     typer.echo(f"MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it): {shown}", err=True)
+    if tracking_uri or (Path.cwd() / "mlflow.db").is_file():  # (opening a missing store would create it)
+        newest = next(iter(list_sweeps(uri)), None)
+        if newest is not None:
+            where = f"http://127.0.0.1:{port}/#/experiments/{newest['experiment_id']}/runs?{CLASSIC_VIEW}"
+            typer.echo(f"the newest sweep, {newest['sweep']}: {where}", err=True)
     os.execv(command[0], command)
 
 

@@ -33,10 +33,10 @@ import numpy as np
 
 from evaluation.intervals import LEVEL, bootstrap_pvalues, hierarchical_interval, holm, percentile_interval
 from evaluation.score_rows import headline_rows, read_rows, unit_scores
-from sweeps.settings import head_label
+from sweeps.run_params import factors_of, run_params
 
 __all__ = [
-    "Effect", "TrialScores", "effects_csv", "factors_of", "forest_figure", "head_of", "load_trial_scores", "paired_effects",
+    "Effect", "TrialScores", "effects_csv", "forest_figure", "load_trial_scores", "paired_effects",
     "replicate_scores",
 ]
 
@@ -84,23 +84,9 @@ class Effect:
         return f"{self.factor} {self.level} - {self.baseline}"
 
 
-def head_of(params: dict[str, str]) -> str:
-    """The head label (``bcos-d2-w256``) of a run's ``head.*`` params."""
-    return head_label({k.removeprefix("head."): v for k, v in params.items() if k.startswith("head.")})
-
-
-def factors_of(params: dict[str, str]) -> dict[str, str]:
-    """A run's parameters as factors: ``backbone.name`` -> ``backbone``, every ``head.*`` -> one
-    ``head`` (its label, ``bcos-d2-w256``), ``evaluate.smoothing`` -> ``smoothing``; the rest as
-    logged."""
-    out = {"head": head_of(params)}
-    renamed = {"backbone.name": "backbone", "evaluate.smoothing": "smoothing"}
-    out |= {renamed.get(k, k): v for k, v in params.items() if not k.startswith("head.")}
-    return out
-
-
-def load_trial_scores(uri: str, runs) -> list[TrialScores]:
-    """The stored per-row scores of MLflow runs (those without a ``scores`` artifact have none)."""
+def load_trial_scores(uri: str, runs, shared: dict[str, str] | None = None) -> list[TrialScores]:
+    """The stored per-row scores of MLflow runs (those without a ``scores`` artifact have none);
+    ``shared``: the params of the sweep's parent run, which its trials have alike."""
     from mlflow import MlflowClient
 
     client, out = MlflowClient(uri), []
@@ -118,7 +104,7 @@ def load_trial_scores(uri: str, runs) -> list[TrialScores]:
                         units[f"{metric}/{method}/{layer}"] = unit_scores(columns)
                         headline[f"{metric}/{method}/{layer}"] = unit_scores(headline_rows(columns))
             trial = run.data.tags.get("trial_id", run.info.run_name)
-            out.append(TrialScores(trial, factors_of(run.data.params), units, headline))
+            out.append(TrialScores(trial, factors_of(run_params(run.data.params, shared or {})), units, headline))
     return out
 
 

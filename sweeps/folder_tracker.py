@@ -64,7 +64,7 @@ class FolderTracker:
         record = {"params": self.params, "tags": self.tags, "metrics": self.metrics}
         self._write(self._path("run.json").write_text, json.dumps(record, indent=1))
 
-    def log_figure(self, figure, artifact_file: str) -> bool:
+    def log_figure(self, figure, artifact_file: str, key: str | None = None) -> bool:
         import matplotlib.pyplot as plt
 
         try:

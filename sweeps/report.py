@@ -13,11 +13,12 @@ from typing import Sequence
 from mlflow import MlflowClient
 
 from evaluation.metrics import METRICS
-from sweeps.effects import Effect, effects_csv, forest_figure, head_of, load_trial_scores, paired_effects, replicate_scores
+from sweeps.effects import Effect, effects_csv, forest_figure, load_trial_scores, paired_effects, replicate_scores
+from sweeps.run_params import head_of, run_params
 
 __all__ = [
-    "front_rows", "grids_label", "is_localisation_score", "log_sweep_summary", "pareto_front", "pareto_figure", "render_effects",
-    "render_replicates", "render_table", "sort_rows", "summary_csv", "sweep_effects", "sweep_runs", "trial_rows",
+    "cell", "fitting_metrics", "front_rows", "grids_label", "group_rows", "metric_columns", "render_groups", "is_localisation_score", "pareto_front", "pareto_figure", "render_effects",
+    "render_replicates", "render_table", "sort_rows", "summary_csv", "sweep_effects", "sweep_runs", "trial_rows", "value_of",
 ]
 
 
@@ -39,13 +40,13 @@ def grids_label(logged: dict[str, float]) -> object:
 
 
 def sweep_runs(uri: str, parent_run_id: str) -> list:
-    """The child runs of a sweep (its trials), in trial order."""
+    """The child runs of a sweep (its trials), in the order they started."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     return client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        order_by=["attributes.run_name ASC"],
+        order_by=["attributes.start_time ASC"],
     )
 
 
@@ -53,14 +54,17 @@ def trial_rows(uri: str, parent_run_id: str, metrics: Sequence[str] = ()) -> lis
     """The child runs of a sweep as dicts: the fixed columns, every localisation score
     (``gridpg/...``, ``difull/...``, ``dipart/...``, ``epg/...``) and the other ``metrics`` asked for.
     ``_ci`` holds each score's 95% interval (``{score: (low, high)}``) where the trial logged one."""
-    rows = []
+    rows, shared = [], MlflowClient(uri).get_run(parent_run_id).data.params
     for run in sweep_runs(uri, parent_run_id):
-        params, logged = run.data.params, run.data.metrics
+        params, logged = run_params(run.data.params, shared), run.data.metrics
         row: dict[str, object] = {
             "_run_id": run.info.run_id,  # keys starting with "_" are not columns
+            "_name": run.info.run_name,
+            "_started": run.info.start_time,
+            "_params": params,
             "trial": run.data.tags.get("trial_id", run.info.run_name),
             "backbone": params.get("backbone.name", "?"),
-            "loss": params.get("loss", "?"),
+            "loss": params.get("probe.loss", "?"),
             "head": head_of(params),
             "status": run.info.status,
             "val/accuracy": logged.get("val/accuracy"),
@@ -74,7 +78,7 @@ def trial_rows(uri: str, parent_run_id: str, metrics: Sequence[str] = ()) -> lis
     return rows
 
 
-def _cell(value: object, interval: tuple[float, float] | None = None) -> str:
+def cell(value: object, interval: tuple[float, float] | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
@@ -84,22 +88,79 @@ def _cell(value: object, interval: tuple[float, float] | None = None) -> str:
     return str(value)
 
 
-def render_table(rows: list[dict[str, object]], title: str = ""):
-    """A rich Table; a score with an interval reads ``0.318 [0.27, 0.36]`` (its 95% bootstrap
-    interval over the grids); a trial with no grid shows '-' in the GridPG columns and 0 in ``grids``."""
+def metric_columns(rows: Sequence[dict[str, object]]) -> list[str]:
+    """The score and metric columns of the table, in its order."""
+    return sorted({k for row in rows for k in row if k not in FIXED and not k.startswith("_")})
+
+
+def render_table(rows: list[dict[str, object]], title: str = "", metrics: Sequence[str] | None = None):
+    """A rich Table (with ``metrics``: only those of its metric columns); a score with an interval
+    reads ``0.318 [0.27, 0.36]`` (its 95% bootstrap interval over the grids); a trial with no grid
+    shows '-' in the GridPG columns and 0 in ``grids``."""
     from rich.table import Table
 
-    metric_columns = sorted({k for row in rows for k in row if k not in FIXED and not k.startswith("_")})
+    shown_metrics = list(metrics) if metrics is not None else metric_columns(rows)
     table = Table(title=title)
-    for column in (*FIXED, *metric_columns):
+    for column in (*FIXED, *shown_metrics):
         table.add_column(column, justify="left" if column in FIXED[:5] else "right")
     for row in rows:
         intervals = row.get("_ci") or {}
-        table.add_row(*(_cell(row.get(column), intervals.get(column)) for column in (*FIXED, *metric_columns)))
+        table.add_row(*(cell(row.get(column), intervals.get(column)) for column in (*FIXED, *shown_metrics)))
     return table
 
 
-def _value(row: dict[str, object], metric: str) -> float | None:
+def fitting_metrics(rows: list[dict[str, object]], width: int, keep: Sequence[str] = ()) -> list[str]:
+    """The metric columns of a table ``width`` characters wide can show: those in ``keep`` (the
+    sort columns) first, then the others in the table's order while they fit."""
+    from rich.console import Console
+
+    def needed(metrics):
+        return Console(width=100_000).measure(render_table(rows, metrics=metrics)).maximum
+
+    shown = [m for m in metric_columns(rows) if m in keep]
+    for metric in metric_columns(rows):
+        if metric not in shown and needed([*shown, metric]) <= width:
+            shown.append(metric)
+    return [m for m in metric_columns(rows) if m in shown]
+
+
+def render_groups(groups: Sequence[dict[str, object]], column: str, title: str = ""):
+    """A rich Table of :func:`group_rows`: the group, its trials, the mean of each score."""
+    from rich.table import Table
+
+    scores = [k for k in dict.fromkeys(k for g in groups for k in g) if k not in (column, "trials")]
+    table = Table(title=title or f"finished trials grouped by {column}: mean of each score")
+    for name in (column, "trials", *scores):
+        table.add_column(name, justify="left" if name == column else "right")
+    for group in groups:
+        table.add_row(*(cell(group.get(name)) for name in (column, "trials", *scores)))
+    return table
+
+
+GROUP_COLUMNS = ("backbone", "loss", "head", "status")
+
+
+def group_rows(rows: Sequence[dict[str, object]], column: str) -> list[dict[str, object]]:
+    """The finished trials grouped by ``column`` (a table column, or a param such as
+    ``train.lr``): per group its value, the number of trials and the mean of every score, groups
+    in the order of their best trial (``rows`` best first)."""
+    groups: dict[str, list[dict[str, object]]] = {}
+    for row in rows:
+        if str(row["status"]).startswith("FINISHED"):
+            key = row[column] if column in GROUP_COLUMNS else (row.get("_params") or {}).get(column, "-")
+            groups.setdefault(str(key), []).append(row)
+    scores = ["val/accuracy", *sorted({k for row in rows for k in row if k not in FIXED and not k.startswith("_")})]
+    out = []
+    for key, members in groups.items():
+        means = {}
+        for score in scores:
+            values = [v for v in (value_of(r, score) for r in members) if v is not None]
+            means[score] = sum(values) / len(values) if values else None
+        out.append({column: key, "trials": len(members), **means})
+    return out
+
+
+def value_of(row: dict[str, object], metric: str) -> float | None:
     value = row.get(metric)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
@@ -108,7 +169,7 @@ def sort_rows(rows: list[dict[str, object]], objectives: dict[str, str]) -> list
     """Best first: by the first objective in its direction, ties by the next; missing values last."""
 
     def key(row):
-        values = [_value(row, m) for m in objectives]
+        values = [value_of(row, m) for m in objectives]
         return [(v is None, 0.0 if v is None else (-v if mode == "max" else v)) for v, mode in zip(values, objectives.values())]
 
     return sorted(rows, key=key)
@@ -136,92 +197,62 @@ def pareto_front(points: Sequence[Sequence[float | None]], modes: Sequence[str])
 def front_rows(rows: list[dict[str, object]], objectives: dict[str, str]) -> list[dict[str, object]]:
     """The finished trials on the Pareto front of ``objectives``, best first."""
     finished = [r for r in rows if str(r["status"]).startswith("FINISHED")]
-    front = pareto_front([[_value(r, m) for m in objectives] for r in finished], list(objectives.values()))
+    front = pareto_front([[value_of(r, m) for m in objectives] for r in finished], list(objectives.values()))
     return sort_rows([finished[i] for i in front], objectives)
 
 
 def pareto_figure(rows: list[dict[str, object]], objectives: dict[str, str], title: str = ""):
     """Every finished trial on the first two objectives (one objective: against the trial's rank),
-    the Pareto front of all objectives marked and joined; whiskers are the scores' 95% intervals."""
+    coloured by loss, shaped by head and labelled with its run name; the Pareto front of all
+    objectives joined by a red line; whiskers are the scores' 95% intervals. The legend names
+    every colour and shape, so the figure reads without hovering."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     metrics = list(objectives)
-    finished = [r for r in rows if str(r["status"]).startswith("FINISHED")]
+    finished = sort_rows([r for r in rows if str(r["status"]).startswith("FINISHED")], objectives)
     front = {id(r) for r in front_rows(rows, objectives)}
     x_metric, y_metric = (metrics[0], metrics[1]) if len(metrics) > 1 else (None, metrics[0])
+    points = [(value_of(r, x_metric) if x_metric else rank, value_of(r, y_metric), r) for rank, r in enumerate(finished)]
+    points = [p for p in points if None not in p[:2]]
+    losses = list(dict.fromkeys(str(r.get("loss", "?")) for _, _, r in points))
+    heads = list(dict.fromkeys(str(r.get("head", "?")) for _, _, r in points))
+    colours = {loss: plt.get_cmap("tab10")(i % 10) for i, loss in enumerate(losses)}
+    shapes = {head: "os^Dv<>pP*X"[i % 11] for i, head in enumerate(heads)}
 
-    def xy(group):
-        points = [(_value(r, x_metric) if x_metric else rank, _value(r, y_metric), r) for rank, r in enumerate(group)]
-        return [p for p in points if None not in p[:2]]
-
-    def whiskers(points, color):  # each score's 95% interval, where the trial logged one
-        for x, y, row in points:
-            intervals = row.get("_ci") or {}
-            if x_metric in intervals:
-                axes.plot(intervals[x_metric], [y, y], "-", color=color, alpha=0.5, linewidth=1)
-            if y_metric in intervals:
-                axes.plot([x, x], intervals[y_metric], "-", color=color, alpha=0.5, linewidth=1)
-
-    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=100)
-    others = xy([r for r in sort_rows(finished, objectives) if id(r) not in front])
-    on_front = sorted(xy([r for r in sort_rows(finished, objectives) if id(r) in front]), key=lambda p: p[:2])
-    if others:
-        axes.scatter([p[0] for p in others], [p[1] for p in others], color="0.6", label="trials")
-        whiskers(others, "0.6")
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=100, layout="constrained")
+    on_front = sorted((x, y) for x, y, r in points if id(r) in front)
     if on_front:
-        axes.plot([p[0] for p in on_front], [p[1] for p in on_front], "o-", color="tab:red", label="Pareto front")
-        whiskers(on_front, "tab:red")
+        axes.plot(*zip(*on_front), "-", color="tab:red", linewidth=1.2, zorder=1)
+    for x, y, row in points:
+        colour = colours[str(row.get("loss", "?"))]
+        intervals = row.get("_ci") or {}
+        if x_metric in intervals:
+            axes.plot(intervals[x_metric], [y, y], "-", color=colour, alpha=0.5, linewidth=1)
+        if y_metric in intervals:
+            axes.plot([x, x], intervals[y_metric], "-", color=colour, alpha=0.5, linewidth=1)
+        edge = "tab:red" if id(row) in front else "none"
+        axes.scatter([x], [y], color=colour, marker=shapes[str(row.get("head", "?"))], s=55, edgecolors=edge, linewidths=1.5, zorder=3)
+        axes.annotate(str(row.get("_name") or row["trial"]), (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7)
+    legend = [Line2D([], [], color=c, marker="o", linestyle="", label=f"loss {loss}") for loss, c in colours.items()]
+    legend += [Line2D([], [], color="0.3", marker=m, linestyle="", label=f"head {head}") for head, m in shapes.items()]
+    legend += [Line2D([], [], color="tab:red", marker="o", markerfacecolor="none", label="Pareto front")] if on_front else []
+    if legend:
+        axes.legend(handles=legend, loc="best", fontsize=8)
     axes.set_xlabel(f"{x_metric} ({objectives[x_metric]})" if x_metric else "trial, best first")
     axes.set_ylabel(f"{y_metric} ({objectives[y_metric]})")
     axes.set_title(title or "Pareto front")
-    axes.legend(loc="best")
-    figure.tight_layout()
     return figure
-
-
-def log_sweep_summary(uri: str, parent_run_id: str, objectives: dict[str, str]) -> list[dict[str, object]]:
-    """Log the sweep's results to its parent run: ``summary.csv`` (every trial, best first),
-    ``pareto.json`` (the front, with run ids and links) and ``pareto.png``. Returns the front."""
-    import json
-
-    from sweeps.tracking import run_url
-
-    client = MlflowClient(uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    rows = sort_rows(trial_rows(uri, parent_run_id, list(objectives)), objectives)
-    front = front_rows(rows, objectives)
-    client.log_text(parent_run_id, summary_csv(rows), "summary.csv")
-    listed = [
-        {"trial": r["trial"], "run_id": r["_run_id"], "url": run_url(uri, experiment_id, str(r["_run_id"])),
-         **{m: _value(r, m) for m in objectives}}
-        for r in front
-    ]  # fmt: skip
-    client.log_text(parent_run_id, json.dumps({"objectives": objectives, "front": listed}, indent=2), "pareto.json")
-    if rows:
-        import matplotlib.pyplot as plt
-
-        figure = pareto_figure(rows, objectives, "Pareto front")
-        client.log_figure(parent_run_id, figure, "pareto.png")
-        plt.close(figure)
-    effects = sweep_effects(uri, parent_run_id)[0]
-    if effects:
-        import matplotlib.pyplot as plt
-
-        client.log_text(parent_run_id, effects_csv(effects), "effects.csv")
-        figure = forest_figure(effects, "paired effects")
-        client.log_figure(parent_run_id, figure, "effects.png")
-        plt.close(figure)
-    return front
 
 
 def sweep_effects(uri: str, parent_run_id: str) -> tuple[list[Effect], list[dict[str, object]]]:
     """The sweep's paired effects and its seed-replicate rows (:mod:`sweeps.effects`), from the
     per-row scores its trials stored."""
-    runs = sorted(sweep_runs(uri, parent_run_id), key=lambda run: run.info.start_time)  # a factor's first level is its baseline
-    trials = load_trial_scores(uri, runs)
+    runs = sweep_runs(uri, parent_run_id)  # in the order they started: a factor's first level is its baseline
+    trials = load_trial_scores(uri, runs, MlflowClient(uri).get_run(parent_run_id).data.params)
     return paired_effects(trials), replicate_scores(trials)
 
 
@@ -251,7 +282,7 @@ def render_replicates(rows: Sequence[dict[str, object]], title: str = ""):
     for column in (*shown, *varied, "seed", *scores):
         table.add_column(column, justify="right" if column in scores else "left")
     for row in rows:
-        cells = [_cell(*_mean_and_interval(row[s])) if s in row else "-" for s in scores]
+        cells = [cell(*_mean_and_interval(row[s])) if s in row else "-" for s in scores]
         table.add_row(*(str(row.get(c, "")) for c in (*shown, *varied, "seed")), *cells)
     return table
 
@@ -263,7 +294,7 @@ def _mean_and_interval(value: tuple[float, float, float]) -> tuple[float, tuple[
 def summary_csv(rows: list[dict[str, object]]) -> str:
     """The table as CSV text (every column, in the table's order, each score's ``/ci_low`` and
     ``/ci_high`` after it, and the MLflow run id)."""
-    metrics = sorted({k for row in rows for k in row if k not in FIXED and not k.startswith("_")})
+    metrics = metric_columns(rows)
     with_ci = {m for row in rows for m in row.get("_ci") or {}}
     # an objective may itself be a bound (gridpg/ixg/input/ci_low): each column once
     columns = list(dict.fromkeys([*FIXED, *(c for m in metrics for c in ((m, f"{m}/ci_low", f"{m}/ci_high") if m in with_ci else (m,))), "_run_id"]))

@@ -8,8 +8,8 @@ already failed in ``sweeps.spec`` before this module is reached.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +28,6 @@ from sweeps.preflight import (
     check_tracking_store,
     private_auth_token,
 )
-from sweeps.settings import head_label
 from sweeps.spec import SweepSpec
 # not sweeps.tracking: MLflow loads while Ray starts
 from sweeps.spec_files import SECRET_URI_ENV, check_name, default_tracking_uri, redact_uri, secret_uri
@@ -74,73 +73,17 @@ def trial_param_space(runtime: dict) -> dict:
 
 
 def _progress_callback(outcome: SweepOutcome, epochs: int, log: Callable[[str], None]):
-    from ray import tune
-
-    from sweeps.report import grids_label, is_localisation_score
+    """The sweep's progress (:mod:`sweeps.progress`), a live table where stderr is a terminal; at
+    the end it closes the runs of trials that Ray ended but that could not close their own
+    (stopped early by the scheduler, or interrupted by Ctrl-C)."""
+    from sweeps.progress import progress_callback
     from sweeps.tracking import close_trial_runs
 
-    total = outcome.n_trials
+    def close_runs(ended: dict[str, tuple[str, int]]) -> None:
+        # Ray pickles the callback with the experiment: it holds the redacted URI, the real one is in the env
+        close_trial_runs(secret_uri(outcome.tracking_uri), outcome.experiment_id, outcome.parent_run_id, ended, epochs)
 
-    class Progress(tune.Callback):
-        """One line per finished or failed trial, with the sweep's running and failed counts and the
-        best val accuracy so far, instead of Ray's status dump."""
-
-        def __init__(self):
-            self.done = 0
-            # what Ray reported through on_trial_complete/error: (Ray status, last epoch) by trial id.
-            # Trial.status alone cannot tell: Ray marks the trials it stops on Ctrl-C TERMINATED too.
-            self.ended: dict[str, tuple[str, int]] = {}
-
-        def _count(self, trials, trial) -> None:
-            # counted from the trials' states, so that a resumed sweep counts its earlier trials
-            ended = {"TERMINATED", "ERROR"}
-            self.done = sum(t.status in ended for t in trials) + (trial.status not in ended)
-
-        @staticmethod
-        def _status(trials, trial, failed_now: bool) -> str:
-            """`` | running R, failed F, best val acc X (trial)`` over all trials, this one counted as ended."""
-            others = [t for t in trials if t is not trial]
-            running = sum(t.status == "RUNNING" for t in others)
-            failed = sum(t.status == "ERROR" for t in others) + failed_now
-            finished = [t for t in others if t.status == "TERMINATED"] + ([] if failed_now else [trial])
-            scored = [(t.last_result["val/accuracy"], t.trial_id) for t in finished if "val/accuracy" in (t.last_result or {})]
-            best = f", best val acc {max(scored)[0]:.3f} ({max(scored)[1]})" if scored else ""
-            return f" | running {running}, failed {failed}{best}"
-
-        def on_experiment_end(self, trials, **info):
-            """Close the runs of trials that Ray ended but that could not close their own: stopped
-            early by the scheduler, or interrupted by Ctrl-C (called on both ways out)."""
-            # Ray pickles this callback with the experiment: it holds the redacted URI, the real one is in the env
-            uri = secret_uri(outcome.tracking_uri)
-            close_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, self.ended, epochs)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._count(trials, trial)
-            result = trial.last_result or {}
-            self.ended[trial.trial_id] = ("TERMINATED", int(result.get("epoch", 0)))
-            stopped = f"stopped early at epoch {result['epoch']}, " if result.get("epoch", epochs) < epochs else ""
-            scores = ", ".join(
-                f"{k} {v:.3f}" for k, v in sorted(result.items()) if is_localisation_score(k) and not math.isnan(v)
-            )
-            counted = [f"{grids_label(result)} grids"] if "grids/count" in result else []  # "34 top-1 grids": confident on none
-            counted += [f"{int(result['epg/rows'])} epg"] if "epg/rows" in result else []
-            log(
-                f"[{self.done}/{total}] {trial.trial_id} {trial.config['backbone']['name']} {trial.config['loss']} "
-                f"{head_label(trial.config['head'])}: {stopped}"
-                f"val acc {result.get('val/accuracy', float('nan')):.3f}" + "".join(f", {c}" for c in counted)
-                + (f", {scores}" if scores else "")
-                + self._status(trials, trial, failed_now=False)
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._count(trials, trial)
-            self.ended[trial.trial_id] = ("ERROR", int((trial.last_result or {}).get("epoch", 0)))
-            log(
-                f"[{self.done}/{total}] {trial.trial_id} FAILED: see {trial.local_path or trial.path}/error.txt"
-                + self._status(trials, trial, failed_now=True)
-            )
-
-    return Progress()
+    return progress_callback(outcome.n_trials, epochs, log, close_runs, live=sys.stderr.isatty())
 
 
 @contextmanager
@@ -195,6 +138,8 @@ def run_sweep(
     tracking_uri: str | None = None,
     storage: str | None = None,
     workdir: Path | None = None,
+    dashboard: bool = False,
+    ray_results: bool = False,
     log: Callable[[str], None] = print,
 ) -> SweepOutcome:
     """Run every trial of ``spec`` on a local Ray instance (or the cluster at ``address``).
@@ -206,6 +151,10 @@ def run_sweep(
         storage: Ray results folder (on a cluster: a path every node reaches); default
             ``spec.storage`` or ``<workdir>/ray_results``.
         workdir: where relative outputs go; default the current directory.
+        dashboard: start Ray's dashboard with the local instance, on 127.0.0.1 (a cluster has its own).
+        ray_results: let Ray Tune write its own result files (``result.json``, ``progress.csv``,
+            TensorBoard events) beside its checkpoints, for ``ResultGrid`` and TensorBoard; off by
+            default, since the results are in MLflow and the files cost the driver CPU time.
     """
     from probing.backbones import cache_dir
 
@@ -235,7 +184,7 @@ def run_sweep(
 
         experiment_id = ensure_experiment(uri, spec.tracking.experiment or spec.name)
         spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-        parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives)
+        parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives, spec.shared_params())
         outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
         record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome) | {"tracking_uri": shown}}
         (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
@@ -271,17 +220,20 @@ def run_sweep(
         )
 
     (storage / name).mkdir(parents=True, exist_ok=True)
-    return _drive(spec, start_tracking, new_tuner, address, storage / name / DRIVER_LOG, log)
+    return _drive(spec, start_tracking, new_tuner, address, storage / name / DRIVER_LOG, log, dashboard, ray_results)
 
 
 def resume_sweep(
-    name: str, *, storage: Path | None = None, address: str | None = None, log: Callable[[str], None] = print
+    name: str, *, storage: Path | None = None, address: str | None = None, dashboard: bool = False, ray_results: bool = False,
+    log: Callable[[str], None] = print,
 ) -> SweepOutcome:
     """Continue an interrupted sweep: finished trials stay finished, the others resume from their
     last checkpoint and continue their MLflow runs.
 
     Args:
         storage: the folder holding the sweep's Ray results; default ``./ray_results``.
+        dashboard: start Ray's dashboard with the local instance, on 127.0.0.1.
+        ray_results: let Ray Tune write its own result files (see :func:`run_sweep`).
     """
     from mlflow import MlflowClient
     from ray import tune
@@ -310,7 +262,7 @@ def resume_sweep(
     def restored_tuner(outcome: SweepOutcome):
         return tune.Tuner.restore(str(folder), trainable=_trainable(spec), resume_unfinished=True, resume_errored=True)
 
-    return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log)
+    return _drive(spec, lambda: outcome, restored_tuner, address, folder / DRIVER_LOG, log, dashboard, ray_results)
 
 
 def _trainable(spec: SweepSpec):
@@ -328,6 +280,8 @@ def _drive(
     address: str | None,
     log_file: Path,
     log: Callable[[str], None],
+    dashboard: bool = False,
+    ray_results: bool = False,
 ) -> SweepOutcome:
     """Start (or join) Ray while ``start_tracking`` sets up the sweep's MLflow runs in a thread,
     fit the tuner, shut Ray down, log the sweep's summary and Pareto front to its MLflow run and
@@ -356,14 +310,14 @@ def _drive(
                             os.environ.setdefault(key, value)
                     # results live in MLflow: Ray Tune's own per-result JSON/CSV/TensorBoard files only
                     # cost the driver CPU time, which the trials' threads lose on a small machine
-                    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+                    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if ray_results else "1"
                     # MLflow prints "View run ... at <tracking URI>" when a run ends: with the URI's
                     # password, into the terminal and Ray's worker logs; probesweep prints its own links
                     os.environ[QUIET_MLFLOW] = "true"
-                    ray.init(
+                    context = ray.init(
                         # "local": a new instance even where `ray start` left a cluster address behind (a
                         # plain ray.init() would try to join it, and wait forever if it is gone)
-                        address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                        address=address or "local", include_dashboard=dashboard and address is None, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING,
                         # nothing reads Ray's metrics here; exporting them keeps its daemons busy
                         _system_config={"enable_metrics_collection": False} if address is None else None,
                         # a tracking URI with a secret reaches a cluster's trials in memory, never in a file
@@ -371,6 +325,9 @@ def _drive(
                         if address is not None else None,
                     )  # fmt: skip
                     private_auth_token()
+                    if dashboard:
+                        where = context.dashboard_url or "not started (see the sweep's log)"
+                        log(f"Ray's dashboard: {'http://' if context.dashboard_url else ''}{where}")
                     if address is not None:
                         check_cluster_resources(spec, log)
                     else:  # found again and stopped by `resume` if this driver is killed
@@ -399,7 +356,7 @@ def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Cal
     """Close the trial runs and the sweep's run, with its summary; returns (failed trials, interrupted)."""
     from mlflow import MlflowClient
 
-    from sweeps.report import log_sweep_summary
+    from sweeps.summary import log_sweep_summary
     from sweeps.tracking import close_trial_runs
 
     uri = outcome.tracking_uri

@@ -40,7 +40,7 @@ from sweeps.settings import (
 from sweeps.spec_files import SpecError, check_name, expand_variables, problem_lines, read_spec_file
 from sweeps.method_options import method_option_choices, option_axes
 from sweeps.space import EPOCH_METRICS, Range, SearchSpec, axis_values, draw, range_paths
-from sweeps.trial import TrialConfig
+from sweeps.trial import TrialConfig, trial_params
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "DEMO_SPEC"]
 
@@ -113,6 +113,16 @@ class SweepSpec(Strict):
             for _ in range(repeats)
             for options in method_option_choices(self.evaluate.method_options, rng)
         ]
+
+    def shared_params(self) -> dict[str, str]:
+        """The MLflow params every trial of the sweep has alike (:func:`sweeps.trial.trial_params`):
+        logged once, on the sweep's parent run; a trial run logs those it has otherwise. For an
+        Optuna search: those alike in every choice of its lists and four draws of its ranges."""
+        spec = self
+        if self.search.algorithm == "optuna":
+            spec = self.model_copy(update={"search": self.search.model_copy(update={"algorithm": "random", "num_samples": 4})})
+        trials = [trial_params(t) for t in spec.trials()]
+        return {k: v for k, v in trials[0].items() if all(t.get(k) == v for t in trials[1:])}
 
     def trial(
         self, backbone: BackboneSpec, loss: str, head: dict[str, Any], seed: int, lr: float, weight_decay: float,

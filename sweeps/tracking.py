@@ -16,6 +16,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from sweeps.run_params import trial_run_name
 from sweeps.spec_files import default_tracking_uri  # noqa: F401 (part of this module's API)
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 SWEEP_TAG = "probesweep.sweep"
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100  # MLflow's limits for one log_batch
 OBJECTIVES_PARAM = "objectives"  # of the parent run, as JSON
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 
@@ -62,20 +63,28 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def start_sweep_run(
-    uri: str, experiment_id: str, sweep: str, spec_yaml: str, n_trials: int, objectives: dict[str, str] | None = None
+    uri: str, experiment_id: str, sweep: str, spec_yaml: str, n_trials: int, objectives: dict[str, str] | None = None,
+    shared: dict[str, str] | None = None,
 ) -> str:
-    """Create the sweep's parent run, with the spec as an artifact and the objectives as a param
-    (``probesweep report`` reads them back); returns its run id."""
+    """Create the sweep's parent run, with the spec as an artifact, the objectives as a param
+    (``probesweep report`` reads them back) and the ``shared`` params (those every trial has
+    alike: its trial runs log only the others); returns its run id."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep})
-    params = {"n_trials": str(n_trials), OBJECTIVES_PARAM: json.dumps(objectives or {"val/accuracy": "max"})}
+    params = (shared or {}) | {"n_trials": str(n_trials), OBJECTIVES_PARAM: json.dumps(objectives or {"val/accuracy": "max"})}
     try:
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        _log_params(client, run.info.run_id, params)
         client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
     except Exception:
         client.set_terminated(run.info.run_id, "FAILED")  # never a parent left RUNNING by a failed start
         raise
     return run.info.run_id
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
 
 def sweep_objectives(run) -> dict[str, str]:
@@ -101,6 +110,10 @@ def close_trial_runs(
     for run in children:
         trial_id = run.data.tags.get("trial_id", run.info.run_id)
         status, epoch = ended.get(trial_id, ("", 0))
+        if not status and "stopped_early" in run.data.tags:
+            # the driver closed it as stopped early, then the trial's own thread, which Ray stopped a
+            # moment later, wrote KILLED over it: it is finished all the same
+            status = "TERMINATED"
         if status == "TERMINATED" and epoch < epochs and "stopped_early" not in run.data.tags:
             client.set_tag(run.info.run_id, "stopped_early", str(epoch))
         final = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED")
@@ -122,8 +135,8 @@ def find_sweep_run(uri: str, sweep: str):
 
 
 def list_sweeps(uri: str) -> list[dict[str, object]]:
-    """Every sweep in the store, newest first: name, experiment, status, trials, start and end
-    (local time, ``-`` while it runs)."""
+    """Every sweep in the store, newest first: name, experiment (and its id), status, trials,
+    start and end (local time, ``-`` while it runs)."""
     client = MlflowClient(uri)
     experiments = {e.experiment_id: e.name for e in client.search_experiments()}
     runs = client.search_runs(list(experiments), filter_string=f"tags.`{SWEEP_TAG}` LIKE '%'", order_by=["attributes.start_time DESC"])
@@ -132,7 +145,8 @@ def list_sweeps(uri: str) -> list[dict[str, object]]:
         return "-" if not ms else time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
 
     return [
-        {"sweep": r.data.tags[SWEEP_TAG], "experiment": experiments.get(r.info.experiment_id, "?"), "status": r.info.status,
+        {"sweep": r.data.tags[SWEEP_TAG], "experiment": experiments.get(r.info.experiment_id, "?"), "experiment_id": r.info.experiment_id,
+         "status": r.info.status,
          "trials": r.data.params.get("n_trials", "?"), "started": when(r.info.start_time), "ended": when(r.info.end_time)}
         for r in runs
     ]  # fmt: skip
@@ -165,15 +179,20 @@ class TrialRun:
     """The child run of one trial, as a context manager.
 
     On entry it finds the run tagged with this ``trial_id`` under the parent (a retried or
-    restored trial continues its run) or creates it. On exit the run is FINISHED; KILLED if Ray
+    restored trial continues its run) or creates it, named by what sets the trial's ``params``
+    apart from the sweep's shared ones (the parent run's), ``trial_name`` when nothing does. It
+    logs only params the parent does not hold alike. On exit the run is FINISHED; KILLED if Ray
     stopped the trial before it was ``complete``; or FAILED with the error as the tag ``error``
     and the artifact ``error.txt``.
     """
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str):
+    def __init__(
+        self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str, params: dict[str, str] | None = None
+    ):
         self.client = MlflowClient(uri)
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
-        self.trial_id, self.trial_name = trial_id, trial_name
+        self.trial_id, self.trial_name, self.params = trial_id, trial_name, params or {}
+        self.shared: dict[str, str] = {}  # the parent run's params
         self.run_id = ""
         self.previous_status: str | None = None  # of the run found on entry; None if created
         self.seconds = 0.0  # spent in the logging methods
@@ -188,12 +207,14 @@ class TrialRun:
             [self.experiment_id],
             filter_string=f"tags.trial_id = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
         )
+        self.shared = self.client.get_run(self.parent_run_id).data.params
         if found:
             self.run_id, self.previous_status = found[0].info.run_id, found[0].info.status
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"trial_id": self.trial_id, "mlflow.parentRunId": self.parent_run_id}
-            self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=self.trial_name).info.run_id
+            name = trial_run_name(self.params, self.shared) or self.trial_name
+            self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         return self
 
     @_timed
@@ -208,10 +229,10 @@ class TrialRun:
 
     @_timed
     def log_params(self, params: dict[str, str]) -> None:
+        """Log the ``params`` this run does not hold yet (params are write-once), but for those
+        the parent run holds alike."""
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, v) for k, v in params.items() if k not in existing]  # params are write-once
-        if new:
-            self.client.log_batch(self.run_id, params=new)
+        _log_params(self.client, self.run_id, {k: v for k, v in params.items() if k not in existing and self.shared.get(k) != v})
 
     def log_metrics(self, metrics: dict[str, float], step: int, later: bool = False) -> None:
         """Log ``metrics`` at ``step``; with ``later``, kept until the next ``flush()`` (one write for
@@ -245,12 +266,20 @@ class TrialRun:
             return False
 
     @_timed
-    def log_figure(self, figure, artifact_file: str) -> bool:
-        """Save a matplotlib figure as an image artifact and free it; False if it could not be saved."""
+    def log_figure(self, figure, artifact_file: str, key: str | None = None) -> bool:
+        """Save a matplotlib figure as an image artifact and free it; False if it could not be saved.
+        With ``key`` it is also an image under that key (``log_image``), which the MLflow UI's chart
+        view shows side by side across runs."""
         import matplotlib.pyplot as plt
+        import numpy as np
+
+        def as_image():
+            figure.canvas.draw()
+            self.client.log_image(self.run_id, np.asarray(figure.canvas.buffer_rgba())[..., :3], key=key, step=0)
 
         try:
-            return self._upload(artifact_file, lambda: self.client.log_figure(self.run_id, figure, artifact_file))
+            saved = self._upload(artifact_file, lambda: self.client.log_figure(self.run_id, figure, artifact_file))
+            return saved and (key is None or self._upload(f"image {key}", as_image))
         finally:
             plt.close(figure)
 
@@ -295,14 +324,17 @@ def ui_base(uri: str) -> str:
     return re.sub(r"^(https?://)[^/@]*@", r"\1", uri).split("?")[0].rstrip("/")  # no credentials in a link
 
 
+CLASSIC_VIEW = "workflowType=machine_learning"  # MLflow 3 otherwise opens an experiment in its GenAI view
+
+
 def runs_table_url(uri: str, experiment_id: str) -> str:
-    """The UI page with the runs table (MLflow 3 otherwise opens on its GenAI overview)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The UI page with the runs table, in the classic (model training) view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{CLASSIC_VIEW}"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The UI page of one run."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The UI page of one run, in the classic (model training) view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
 
 
 def ui_command(uri: str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:

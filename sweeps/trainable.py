@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sweeps.spec_files import secret_uri
-from sweeps.trial import TrialConfig, TrialSession, flatten, run_trial
+from sweeps.trial import TrialConfig, TrialSession, flatten, run_trial, trial_params
 
 __all__ = ["probe_trial", "RUNTIME_KEY", "RaySession"]
 
@@ -78,6 +78,7 @@ def probe_trial(config: dict[str, Any]) -> None:
         runtime["parent_run_id"],
         context.get_trial_id(),
         context.get_trial_name(),
+        trial_params(trial),  # the run is named by those that set it apart
     ) as run:
         if run.previous_status != "FINISHED":
             node_id = ray.get_runtime_context().get_node_id()

@@ -20,7 +20,7 @@ import torch
 import yaml
 from pydantic import field_serializer, model_validator
 
-from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery
+from evaluation.aggatt import aggatt_bins, aggatt_figure, heatmap_gallery, save_aggatt, save_examples
 from evaluation.attribution import create_method
 from evaluation.attribution.common import model_traits
 from evaluation.epg import evaluate_epg
@@ -46,18 +46,19 @@ from sweeps.settings import (
     LogitBias,
     TrialTrain,
     check_schedule,
+    head_label,
     registered,
 )
 from sweeps.space import Range
 
-__all__ = ["TrialConfig", "TrialSession", "run_trial"]
+__all__ = ["TrialConfig", "TrialSession", "run_trial", "trial_params"]
 
 GALLERY = 8  # example explanations per (metric, method, layer)
 
 
 class TrialConfig(Strict):
     """Everything one trial trains, explains and scores: the only thing a trial receives (besides
-    where to log). Its dump is the trial's MLflow params (``head.depth``, ``train.lr``, ...)."""
+    where to log). :func:`trial_params` names its MLflow params (``probe.head.depth``, ``train.lr``, ...)."""
 
     backbone: BackboneSpec
     loss: registered(LOSSES)
@@ -109,9 +110,20 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int, later: bool = False) -> None: ...
     def flush(self) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_figure(self, figure, artifact_file: str) -> bool: ...
+    def log_figure(self, figure, artifact_file: str, key: str | None = None) -> bool: ...
     def log_text(self, text: str, artifact_file: str) -> bool: ...
     def log_artifact(self, local_path, artifact_path: str | None = None) -> bool: ...
+
+
+PROBE_SETTINGS = ("loss", "head", "seed", "logit_bias")  # the probe's own: params probe.loss, probe.head.type, ...
+
+
+def trial_params(config: TrialConfig) -> dict[str, str]:
+    """A trial's MLflow params: the probe's own settings under ``probe.`` (``probe.loss``,
+    ``probe.head.depth``: apart from the metric ``train/loss``), the others under their section
+    (``train.lr``, ``backbone.name``), a method's options as ``method.<name>.<option>``."""
+    dumped = config.model_dump()
+    return flatten({"probe": {k: dumped.pop(k) for k in PROBE_SETTINGS}} | dumped)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -160,21 +172,22 @@ def trial_inputs(config: TrialConfig, log=print):
     return backbone, val, loss, trainer
 
 
-def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracker: Tracker) -> dict[str, float]:
+def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracker: Tracker, probe: str = "") -> dict[str, float]:
     """Localisation scores of the trained probe with their 95% bootstrap intervals
     (``<score>/ci_low``, ``<score>/ci_high``), logged with the per-row scores
-    (``scores/<metric>.csv.gz``) and figures: the AggAtt of each (metric, method, layer) over its
-    rows (grids: the top-left cell's), and a gallery of the first batch's explanations over their
-    images."""
+    (``scores/<metric>.csv.gz``) and figures titled with the ``probe``'s name: the AggAtt of each
+    (metric, method, layer) over its rows (grids: the top-left cell's), and a gallery of the first
+    batch's explanations over their images; the bins and the gallery's maps also as ``.npz``,
+    for the sweep's side-by-side figures."""
     collected: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    examples: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    examples: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
     on_boxes = {m for m in evaluate.metrics if METRICS.get(m).protocol == "boxes"}
 
-    def keep(key, maps, rows, scores, images):
+    def keep(key, maps, rows, scores, images, ids):
         # boxes: every (image, class) row; grids: the top-left cell's row of each grid, as many as images
         chosen = torch.ones_like(rows, dtype=torch.bool) if key[0] in on_boxes else rows == 0
         collected.setdefault(key, []).append((maps[chosen].cpu(), scores[chosen].cpu()))
-        examples.setdefault(key, (images[:GALLERY].cpu(), maps[chosen][:GALLERY].cpu(), scores[chosen][:GALLERY].cpu()))
+        examples.setdefault(key, (images[:GALLERY].cpu(), maps[chosen][:GALLERY].cpu(), scores[chosen][:GALLERY].cpu(), ids[chosen.cpu()][:GALLERY]))
 
     scores: dict[str, float] = {}
     traits = model_traits(model)
@@ -195,17 +208,24 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
             confidence=evaluate.confidence, metrics=on_grids, on_maps=keep, di_cells=evaluate.di_cells, **options,
         )  # fmt: skip
     scores |= score_rows.intervals(seed=evaluate.seed)
+    named = f"{probe}: " if probe else ""
     with tempfile.TemporaryDirectory() as folder:
         for path in score_rows.write(Path(folder)):
             tracker.log_artifact(path, "scores")
-    for (metric, method, layer), parts in collected.items():
-        maps, values = (torch.cat(p) for p in zip(*parts))
-        rows = "(image, class) rows" if metric in on_boxes else "top-left cell"
-        title = f"{metric}/{method}/{layer}: AggAtt, {rows}, best to worst"
-        tracker.log_figure(aggatt_figure(aggatt_bins(maps, values), title), f"aggatt/{metric}-{method}-{layer}.png")
-        images, maps, values = examples[(metric, method, layer)]
-        title = f"{metric}/{method}/{layer}: examples" + ("" if metric in on_boxes else " (top-left cell explained)")
-        tracker.log_figure(heatmap_gallery(images, maps, values, title), f"examples/{metric}-{method}-{layer}.png")
+        for (metric, method, layer), parts in collected.items():
+            maps, values = (torch.cat(p) for p in zip(*parts))
+            rows = "(image, class) rows" if metric in on_boxes else "top-left cell"
+            grid = None if metric in on_boxes else evaluate.grid
+            bins = aggatt_bins(maps, values)
+            title = f"{named}{metric}/{method}/{layer}: AggAtt, {rows}, best to worst"
+            tracker.log_figure(aggatt_figure(bins, title, grid), f"aggatt/{metric}-{method}-{layer}.png", key=f"aggatt/{metric}/{method}/{layer}")
+            save_aggatt(bins, Path(folder) / f"{metric}-{method}-{layer}.npz")
+            tracker.log_artifact(Path(folder) / f"{metric}-{method}-{layer}.npz", "aggatt")
+            images, maps, values, ids = examples[(metric, method, layer)]
+            title = f"{named}{metric}/{method}/{layer}: examples" + ("" if metric in on_boxes else " (top-left cell explained)")
+            tracker.log_figure(heatmap_gallery(images, maps, values, title), f"examples/{metric}-{method}-{layer}.png")
+            save_examples(images, maps, values, ids, Path(folder) / f"{metric}-{method}-{layer}.npz")
+            tracker.log_artifact(Path(folder) / f"{metric}-{method}-{layer}.npz", "examples")
     return scores
 
 
@@ -232,7 +252,7 @@ def run_trial(config: TrialConfig, tracker: Tracker, session: TrialSession | Non
 
     if tracker.previous_status == "FINISHED":
         return report_logged()
-    tracker.log_params(flatten(config.model_dump()))
+    tracker.log_params(trial_params(config))
     backbone, val, loss, trainer = trial_inputs(config, log)
     # which weights the trial used (torchvision's V1 and V2 ResNet-50 files differ)
     device = next(backbone.parameters()).device
@@ -257,7 +277,8 @@ def run_trial(config: TrialConfig, tracker: Tracker, session: TrialSession | Non
         if last:
             with _timer(seconds, "evaluate"):
                 logged = tracker.seconds
-                metrics |= evaluate_probe(ProbedModel(backbone, trainer.head.eval()), val, loss, config.evaluate, tracker)
+                probe = f"{config.backbone.name} {config.loss} {head_label(config.head.model_dump(exclude_none=True))}"
+                metrics |= evaluate_probe(ProbedModel(backbone, trainer.head.eval()), val, loss, config.evaluate, tracker, probe)
                 seconds["evaluate"] -= tracker.seconds - logged  # its figures' upload counts as tracking
         if trainer.epoch > in_tracker:
             tracker.log_metrics(metrics, step=trainer.epoch, later=True)

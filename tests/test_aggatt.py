@@ -37,8 +37,46 @@ def test_empty_bins_are_zero_and_counted():
 def test_figure_uses_one_colour_scale_for_all_bins():
     agg = aggatt_bins(torch.rand(50, 8, 8), torch.rand(50))
     figure = aggatt_figure(agg, title="gridpg/ixg/input")
-    images = [ax.get_images()[0] for ax in figure.axes]
+    images = [ax.get_images()[0] for ax in figure.axes if ax.get_images()]
     assert len(images) == 6 and {im.get_clim() for im in images} == {(0.0, agg.vmax)}
+    (colour_bar,) = [ax for ax in figure.axes if ax.get_ylabel() == "mean positive attribution"]  # the scale, drawn once
+
+
+def test_an_empty_bin_is_an_empty_labelled_panel_and_grid_cells_are_outlined():
+    agg = aggatt_bins(torch.rand(3, 16, 16), torch.tensor([0.3, 0.2, 0.1]))
+    figure = aggatt_figure(agg, title="sup bce linear: gridpg/ixg/input", grid=2)
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels][:2] == ["0-2%\n(0 maps)", "2-5%\n(0 maps)"]
+    assert not panels[0].get_images() and [t.get_text() for t in panels[0].texts] == ["no maps"]
+    # one horizontal and one vertical line between the 2 x 2 cells of a 16 px grid image
+    lines = panels[3].get_lines()
+    assert sorted((tuple(line.get_xdata()), tuple(line.get_ydata())) for line in lines) == [((0, 1), (7.5, 7.5)), ((7.5, 7.5), (0, 1))]
+    assert figure._suptitle.get_text() == "sup bce linear: gridpg/ixg/input"
+
+
+def test_stored_bins_are_pooled_to_the_figures_size_and_read_back(tmp_path):
+    from evaluation.aggatt import load_aggatt, save_aggatt
+
+    agg = aggatt_bins(torch.rand(40, 256, 256), torch.rand(40))
+    save_aggatt(agg, tmp_path / "bins.npz")
+    back = load_aggatt(tmp_path / "bins.npz")
+    assert back.maps.shape == (6, 128, 128) and back.counts == agg.counts and back.labels == agg.labels and back.vmax == agg.vmax
+    pooled = torch.nn.functional.avg_pool2d(agg.maps[:, None], 2)[:, 0]
+    assert torch.allclose(back.maps, pooled, atol=2e-3)  # float16
+
+
+def test_the_side_by_side_figure_has_a_column_per_probe_in_order_each_on_its_scale():
+    from evaluation.aggatt import comparison_figure
+
+    probes = [(name, aggatt_bins(torch.rand(30, 8, 8) * scale, torch.rand(30))) for name, scale in (("ce", 1.0), ("bce", 50.0), ("bcos", 0.01))]
+    figure = comparison_figure(probes, "gridpg/ixg/input", grid=2)
+    panels = [ax for ax in figure.axes if ax.get_ylabel() != "attribution / the probe's 99.5th pct."]
+    assert [ax.get_title() for ax in panels[:3]] == ["ce", "bce", "bcos"]
+    assert [ax.get_ylabel() for ax in panels[::3]] == ["0-2%", "2-5%", "5-50%", "50-95%", "95-98%", "98-100%"]
+    # each probe's maps over its own 99.5th percentile: a 5000x larger attribution looks the same
+    for column, (_, agg) in enumerate(probes):
+        shown = panels[3 * 3 + column].get_images()[0].get_array()
+        assert abs(float(shown.max()) - float(agg.maps[3].max() / agg.vmax)) < 1e-5
 
 
 def test_bad_shapes_are_named():
@@ -63,3 +101,21 @@ def test_heatmap_gallery_overlays_each_map_on_its_image():
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_stored_examples_come_back_and_probes_are_shown_on_the_examples_they_share(tmp_path):
+    from evaluation.aggatt import examples_comparison_figure, load_examples, save_examples
+
+    images, maps = torch.rand(5, 3, 32, 32), torch.rand(5, 32, 32)
+    save_examples(images, maps, torch.linspace(0, 1, 5), torch.tensor([3, 8, 9, 12, 20]), tmp_path / "a.npz")
+    first = load_examples(tmp_path / "a.npz")
+    assert first["images"].shape == (5, 3, 32, 32) and torch.allclose(first["images"], images, atol=1 / 255)
+    assert first["ids"].tolist() == [3, 8, 9, 12, 20] and torch.allclose(first["maps"], maps, atol=1e-3)
+    save_examples(images[:4], maps[:4], torch.zeros(4), torch.tensor([1, 8, 12, 3]), tmp_path / "b.npz")
+    second = load_examples(tmp_path / "b.npz")
+    figure = examples_comparison_figure([("ce", first), ("bce", second)], "gridpg/ixg/input", rows=2)
+    panels = figure.axes
+    # a row per shared example (3, 8: the first two by id), a column per probe, in order
+    assert [ax.get_title() for ax in panels[:2]] == ["ce", "bce"] and [ax.get_ylabel() for ax in panels[::2]] == ["#3", "#8"]
+    assert panels[1].get_xlabel() == "score 0.00" and panels[0].get_xlabel() == "score 0.00" and panels[2].get_xlabel() == "score 0.25"
+    assert examples_comparison_figure([("ce", first), ("x", {**second, "ids": torch.tensor([0, 2, 4, 6])})]) is None  # nothing shared

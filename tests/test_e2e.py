@@ -8,6 +8,7 @@ import csv
 import gzip
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,7 +29,8 @@ SPEC = {
     "data": {"dataset": "digits"},
     "backbones": ["tiny_resnet_sup"],
     "probe": {"loss": ["ce", "bce"], "head": [{"type": "linear"}]},
-    "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2, "seed": [0, 1]},
+    # checkpoint_every_s 0: every epoch is reported (and shown with its ETA)
+    "train": {"epochs": EPOCHS, "batch_size": 256, "lr": 1.0e-2, "seed": [0, 1], "checkpoint_every_s": 0},
     "evaluate": {
         "methods": ["ixg", "gradcam"],
         "layers": ["input", "final"],
@@ -70,6 +72,12 @@ def test_sweep_prints_results_and_the_ui_command(sweep):
     assert result.stderr.count("[") >= 4 and "[4/4]" in result.stderr  # one progress line per trial
     last = next(line for line in result.stderr.splitlines() if line.startswith("[4/4]"))
     assert "| running 0, failed 0, best val acc 0." in last  # the sweep's state after the last trial
+    # before the first trial ends: its start, and its epochs with the trial's ETA (the sweep's needs
+    # every running trial's pace, "?" until then)
+    lines = result.stderr.splitlines()
+    before = lines[: next(i for i, line in enumerate(lines) if line.startswith("[1/"))]
+    assert any(re.fullmatch(r"\[0/4\] \w+ tiny_resnet_sup (ce|bce) linear starts \(\d running\)", line) for line in before), before
+    assert any(re.search(r": epoch [123]/4, \d+ s, ETA \d+ s \| sweep ETA (\d+ s|\?)$", line) for line in before), before
     assert "gridpg/ixg/input" in result.stdout and result.stdout.count("FINISHED") == 4
     # two seeds of each loss: the replicates' table and the loss effect (per method and layer)
     assert "seed replicates" in result.stdout and "paired effects" in result.stdout
@@ -97,12 +105,19 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len({c.data.tags["trial_id"] for c in children}) == 4
-    assert sorted((c.data.params["loss"], c.data.params["seed"]) for c in children) == [("bce", "0"), ("bce", "1"), ("ce", "0"), ("ce", "1")]
+    assert sorted((c.data.params["probe.loss"], c.data.params["probe.seed"]) for c in children) == [("bce", "0"), ("bce", "1"), ("ce", "0"), ("ce", "1")]
+    # named by what sets them apart; what they have alike is on the parent only
+    assert sorted(c.info.run_name for c in children) == ["bce-seed0", "bce-seed1", "ce-seed0", "ce-seed1"]
+    assert parents[0].data.params["probe.head.type"] == "linear" and parents[0].data.params["backbone.name"] == "tiny_resnet_sup"
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"summary.csv", "pareto.png", "effects.csv", "effects.png"} <= parent_artifacts
+    assert {"summary.csv", "pareto.png", "effects.csv", "effects.png", "compare"} <= parent_artifacts
+    compared = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+    # per metric, method and layer: the probes' AggAtt and their explanations of the same grids
+    assert "compare/aggatt-gridpg-ixg-input.png" in compared and "compare/examples-gridpg-ixg-input.png" in compared
+    assert len(compared) == 12
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.params["head.type"] == "linear" and child.data.params["backbone.name"] == "tiny_resnet_sup"
+        assert "probe.head.type" not in child.data.params and "backbone.name" not in child.data.params
         assert child.data.tags["node_ip"] and child.data.tags["hostname"]
         metrics = child.data.metrics
         assert FINAL_METRICS <= metrics.keys(), sorted(metrics)
@@ -118,9 +133,8 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
         assert 0 < metrics["compactness/ixg/input"] < 1
         assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "aggatt")}
-        assert artifacts == {"aggatt/gridpg-ixg-input.png", "aggatt/gridpg-ixg-final.png",
-                             "aggatt/gridpg-gradcam-final.png", "aggatt/difull-ixg-input.png",
-                             "aggatt/difull-ixg-final.png", "aggatt/difull-gradcam-final.png"}
+        keys = ("gridpg-ixg-input", "gridpg-ixg-final", "gridpg-gradcam-final", "difull-ixg-input", "difull-ixg-final", "difull-gradcam-final")
+        assert artifacts == {f"aggatt/{key}.{kind}" for key in keys for kind in ("png", "npz")}  # the figure and its bins
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # one value per epoch
 
@@ -154,7 +168,7 @@ def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(swe
         with gzip.open(path, "rt") as stream:  # by hand: grid means of the ixg / input rows
             rows = [r for r in csv.DictReader(stream) if (r["method"], r["layer"]) == ("ixg", "input")]
         grids = {int(r["grid"]) for r in rows}
-        tables[run.data.params["loss"], run.data.params["seed"]] = {
+        tables[run.data.params["probe.loss"], run.data.params["probe.seed"]] = {
             g: sum(float(r["score"]) for r in rows if int(r["grid"]) == g) / sum(int(r["grid"]) == g for r in rows) for g in grids
         }
     per_grid: dict[int, list[float]] = {}
@@ -183,10 +197,11 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
 
     workdir, _ = sweep
     port = _free_port()
-    server = subprocess.Popen(
-        [PROBESWEEP, "ui", "--port", str(port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: stopped below with everything it started
-    )
+    with open(workdir / "ui.log", "w") as said:
+        server = subprocess.Popen(
+            [PROBESWEEP, "ui", "--port", str(port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=said,
+            start_new_session=True,  # its own process group: stopped below with everything it started
+        )
     try:
         base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
         deadline = time.monotonic() + 90
@@ -207,6 +222,8 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
             runs = json.load(reply)["runs"]
         assert len(runs) == 5  # the sweep and its four trials
         assert sum(any(m["key"] == "gridpg/ixg/input" for m in r["data"].get("metrics", [])) for r in runs) == 4
+        newest = f"the newest sweep, e2e-sweep: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+        assert newest in (workdir / "ui.log").read_text()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

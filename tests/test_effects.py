@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 
 from evaluation.intervals import hierarchical_interval, holm, percentile_interval
 from evaluation.score_rows import ScoreRows, read_rows, unit_scores
-from sweeps.effects import TrialScores, factors_of, forest_figure, paired_effects, replicate_scores
-from sweeps.report import _cell, grids_label, render_effects, summary_csv, sweep_effects, sweep_runs
+from sweeps.effects import TrialScores, forest_figure, paired_effects, replicate_scores
+from sweeps.run_params import factors_of
+from sweeps.report import cell, grids_label, render_effects, summary_csv, sweep_effects, sweep_runs
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
 
@@ -27,8 +28,8 @@ def _by_key(effects):
 
 
 def test_factors_of_a_runs_params():
-    params = {"backbone.name": "tiny", "head.type": "bcos", "head.depth": "2", "head.width": "256", "loss": "bce",
-              "seed": "1", "evaluate.smoothing": "none", "train.lr": "0.03"}  # fmt: skip
+    params = {"backbone.name": "tiny", "probe.head.type": "bcos", "probe.head.depth": "2", "probe.head.width": "256",
+              "probe.loss": "bce", "probe.seed": "1", "evaluate.smoothing": "none", "train.lr": "0.03"}  # fmt: skip
     assert factors_of(params) == {"head": "bcos-d2-w256", "backbone": "tiny", "loss": "bce", "seed": "1", "smoothing": "none", "train.lr": "0.03"}
 
 
@@ -103,8 +104,8 @@ def test_forest_figure_shows_one_line_per_effect():
 
 
 def test_results_table_cells_show_the_interval_and_top1_grids():
-    assert _cell(0.3184, (0.2712, 0.3633)) == "0.318 [0.27, 0.36]"
-    assert _cell(0.3184) == "0.318" and _cell(0.3184, (float("nan"), float("nan"))) == "0.318"
+    assert cell(0.3184, (0.2712, 0.3633)) == "0.318 [0.27, 0.36]"
+    assert cell(0.3184) == "0.318" and cell(0.3184, (float("nan"), float("nan"))) == "0.318"
     assert grids_label({"grids/count": 12.0, "grids/threshold": 0.0}) == "12 top-1"
     assert grids_label({"grids/count": 12.0, "grids/threshold": 0.8}) == 12 and grids_label({}) is None
     rows = [{"trial": "t0", "gridpg/ixg/input": 0.5, "_ci": {"gridpg/ixg/input": (0.4, 0.6)}, "_run_id": "r"}]
@@ -135,10 +136,10 @@ def _store_trial(uri, experiment_id, parent, name, params, grids, scores, folder
 def test_report_effects_equal_a_hand_computation_from_the_stored_rows(tmp_path, capfd):
     uri = default_tracking_uri(tmp_path)
     experiment_id = ensure_experiment(uri, "effects")
-    parent = start_sweep_run(uri, experiment_id, "effects-1", "name: effects\n", n_trials=2)
-    common = {"backbone.name": "tiny_resnet_sup", "head.type": "linear", "seed": "0"}
-    _store_trial(uri, experiment_id, parent, "t0", common | {"loss": "ce"}, [0, 1, 2, 3, 5], [0.2, 0.3, 0.4, 0.5, 0.6], tmp_path)
-    _store_trial(uri, experiment_id, parent, "t1", common | {"loss": "bce"}, [1, 2, 3, 4, 5], [0.5, 0.5, 0.6, 0.9, 0.9], tmp_path)
+    shared = {"backbone.name": "tiny_resnet_sup", "probe.head.type": "linear", "probe.seed": "0"}  # on the parent only
+    parent = start_sweep_run(uri, experiment_id, "effects-1", "name: effects\n", n_trials=2, shared=shared)
+    _store_trial(uri, experiment_id, parent, "t0", {"probe.loss": "ce"}, [0, 1, 2, 3, 5], [0.2, 0.3, 0.4, 0.5, 0.6], tmp_path)
+    _store_trial(uri, experiment_id, parent, "t1", {"probe.loss": "bce"}, [1, 2, 3, 4, 5], [0.5, 0.5, 0.6, 0.9, 0.9], tmp_path)
     (effect,), replicates = sweep_effects(uri, parent)
     assert "Downloading" not in capfd.readouterr().err  # no progress bar per file
     assert replicates == []
@@ -147,7 +148,7 @@ def test_report_effects_equal_a_hand_computation_from_the_stored_rows(tmp_path, 
     client = MlflowClient(uri)
     for run in sweep_runs(uri, parent):
         path = client.download_artifacts(run.info.run_id, "scores/gridpg.csv.gz", str(tmp_path / run.info.run_name))
-        downloaded[run.data.params["loss"]] = dict(zip(*unit_scores(read_rows(Path(path))[("ixg", "input")])))
+        downloaded[run.data.params["probe.loss"]] = dict(zip(*unit_scores(read_rows(Path(path))[("ixg", "input")])))
     shared = sorted(set(downloaded["ce"]) & set(downloaded["bce"]))
     by_hand = np.array([downloaded["bce"][g] - downloaded["ce"][g] for g in shared])
     assert shared == [1, 2, 3, 5] and effect.units == 4
@@ -177,3 +178,22 @@ def test_the_pareto_figure_draws_each_scores_interval_as_a_whisker():
     figure = pareto_figure(rows, {"val/accuracy": "max", "gridpg/ixg/input": "max"})
     segments = {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in figure.axes[0].get_lines()}
     assert ((0.9, 0.9), (0.25, 0.35)) in segments and ((0.8, 0.8), (0.42, 0.58)) in segments
+
+
+def test_the_pareto_figure_labels_each_probe_and_its_legend_names_colours_and_shapes():
+    from sweeps.report import pareto_figure
+
+    rows = [
+        {"trial": "a", "_name": "ce-linear", "loss": "ce", "head": "linear", "status": "FINISHED", "val/accuracy": 0.9, "gridpg/ixg/input": 0.3},
+        {"trial": "b", "_name": "bce-linear", "loss": "bce", "head": "linear", "status": "FINISHED", "val/accuracy": 0.8, "gridpg/ixg/input": 0.5},
+        {"trial": "c", "_name": "bce-bcos", "loss": "bce", "head": "bcos-d2", "status": "FINISHED", "val/accuracy": 0.7, "gridpg/ixg/input": 0.4},
+        {"trial": "d", "_name": "failed", "loss": "ce", "head": "bcos-d2", "status": "FAILED", "val/accuracy": 0.99, "gridpg/ixg/input": 0.9},
+    ]  # fmt: skip
+    figure = pareto_figure(rows, {"val/accuracy": "max", "gridpg/ixg/input": "max"}, "sweep x")
+    axes = figure.axes[0]
+    assert sorted(t.get_text() for t in axes.texts) == ["bce-bcos", "bce-linear", "ce-linear"]  # finished trials only
+    legend = [t.get_text() for t in axes.get_legend().get_texts()]
+    assert legend == ["loss ce", "loss bce", "head linear", "head bcos-d2", "Pareto front"]
+    front_line = [line for line in axes.get_lines() if line.get_color() == "tab:red"]
+    assert len(front_line) == 1 and list(front_line[0].get_xdata()) == [0.8, 0.9]  # c is dominated by b
+    assert axes.get_title() == "sweep x" and axes.get_xlabel() == "val/accuracy (max)"

@@ -126,11 +126,11 @@ def test_full_pipeline_on_3x3_grids_with_every_method_layer_and_setting(trained_
     model, val = trained_probe
     kept = {}
 
-    def keep(key, maps, cells, scores, images):
+    def keep(key, maps, cells, scores, images, ids):
         kept.setdefault(key, []).append(maps)
 
-    # cheap settings, the same code paths: IntGrad's steps and LIME's samples only repeat the forward passes
-    cheap = {"intgrad": {"n_steps": 8}, "lime": {"num_samples": 40, "batch_size": 40}}
+    # cheap settings, the same code paths: IntGrad's steps, LIME's samples and RISE's masks only repeat the forward passes
+    cheap = {"intgrad": {"n_steps": 8}, "lime": {"num_samples": 40, "batch_size": 40}, "rise": {"n_masks": 64}}
     metrics = evaluate_gridpg(
         model, val.images, val.labels, lambda z: z.softmax(dim=1), methods=list_methods(),
         layers=["input", "middle", "final"], grid=3, n_grids=2, confidence=0.5, metrics=("gridpg", "difull", "dipart"),
@@ -175,7 +175,7 @@ def test_difull_and_dipart_explain_the_corner_cells_as_rao_et_al_unless_asked_fo
     model, val = trained_probe
     seen = {}
 
-    def keep(key, maps, cells, scores, images):
+    def keep(key, maps, cells, scores, images, ids):
         seen.setdefault(key[0], []).append(cells.tolist())
 
     evaluate_gridpg(
@@ -206,7 +206,7 @@ def test_a_batch_out_of_gpu_memory_is_halved_and_retried_with_a_log_line_and_the
     lines, rows = [], []
     halved = evaluate_gridpg(
         model, val.images, val.labels, torch.sigmoid, grids_per_batch=8, log=lines.append,
-        on_maps=lambda key, maps, cells, scores, images: rows.append((key, len(scores))), **settings,
+        on_maps=lambda key, maps, cells, scores, images, ids: rows.append((key, len(scores))), **settings,
     )  # fmt: skip
     assert lines == [
         "grid attributions: out of GPU memory at 6 per batch; retrying with 4",
@@ -268,11 +268,17 @@ def test_map_metrics_score_the_gridpg_maps_with_or_without_gridpg(trained_probe)
     model, val = trained_probe
     softmax = lambda z: z.softmax(dim=1)  # noqa: E731
     settings = dict(methods=["ixg"], layers=["input"], n_grids=6, confidence=0.6)
-    maps, rows = [], {}
+    maps, ids, rows = [], [], {}
+
+    def keep(key, m, cells, scores, images, grid_ids):
+        maps.append(m)
+        ids.append(grid_ids)
+
     both = evaluate_gridpg(
         model, val.images, val.labels, softmax, metrics=("gridpg", "compactness", "complexity"),
-        on_maps=lambda key, m, *rest: maps.append(m), on_rows=lambda key, columns: rows.setdefault(key, columns), **settings,
+        on_maps=keep, on_rows=lambda key, columns: rows.setdefault(key, columns), **settings,
     )  # fmt: skip
+    assert torch.equal(torch.cat(ids), rows[("gridpg", "ixg", "input")]["grid"])  # each map's row: its candidate grid
     alone = evaluate_gridpg(model, val.images, val.labels, softmax, metrics=("compactness",), **settings)
     assert "gridpg/ixg/input" not in alone and alone["compactness/ixg/input"] == pytest.approx(both["compactness/ixg/input"])
     maps = torch.cat(maps)  # the GridPG maps only: map metrics add no AggAtt

@@ -10,7 +10,7 @@ import yaml
 from sweeps.folder_tracker import FolderTracker
 from sweeps.method_options import tunable_options
 from sweeps.spec import DEMO_SPEC, SpecError, parse_spec
-from sweeps.trial import flatten, run_trial
+from sweeps.trial import run_trial, trial_params
 
 DEMO = yaml.safe_load(DEMO_SPEC.read_text())
 
@@ -53,10 +53,10 @@ def test_grid_values_are_an_axis_of_the_sweep_and_logged_as_method_params():
     assert [t.evaluate.method_options for t in trials[:2]] == [
         {"intgrad": {"n_steps": 8}, "gradcam": {"relu": False}}, {"intgrad": {"n_steps": 16}, "gradcam": {"relu": False}}
     ]  # fmt: skip
-    params = flatten(trials[1].model_dump())
+    params = trial_params(trials[1])
     assert params["method.intgrad.n_steps"] == "16" and params["method.gradcam.relu"] == "False"
     assert not any(k.startswith("evaluate.method_options") for k in params)
-    assert not any(k.startswith("method.") for k in flatten(plain.trials()[0].model_dump()))  # none given: no param
+    assert not any(k.startswith("method.") for k in trial_params(plain.trials()[0]))  # none given: no param
 
 
 def test_a_range_is_drawn_by_random_search_and_refused_by_grid_search():

@@ -145,3 +145,43 @@ def test_a_sweep_run_whose_start_fails_is_not_left_running(store):
         start_sweep_run(uri, experiment_id, "s", "name: s\n", 1)
     (run,) = MlflowClient(uri).search_runs([experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_trial_run_is_named_by_what_sets_it_apart_and_logs_only_its_own_params(tmp_path):
+    from sweeps.report import trial_rows
+
+    uri = default_tracking_uri(tmp_path)
+    experiment_id = ensure_experiment(uri, "names")
+    shared = {"backbone.name": "tiny_resnet_sup", "probe.head.type": "bcos", "probe.head.depth": "2", "train.lr": "0.001"}
+    parent = start_sweep_run(uri, experiment_id, "names-1", "name: names\n", n_trials=2, shared=shared)
+    own = {"probe.loss": "bce", "probe.head.width": "256", "probe.seed": "1", "train.weight_decay": "0.00012345"}
+    with TrialRun(uri, experiment_id, parent, "t_00000", "probe_trial_t_00000", params=shared | own) as run:
+        run.log_params(shared | own)
+    with TrialRun(uri, experiment_id, parent, "t_00001", "probe_trial_t_00001", params=shared) as alike:
+        alike.log_params(shared)
+    client = MlflowClient(uri)
+    named = client.get_run(run.run_id)
+    # the loss, then the head's label (its width varies), then the other varied params by their last name part
+    assert named.info.run_name == "bce-bcos-d2-w256-seed1-weight_decay0.000123"
+    assert named.data.params == own  # the shared ones are the parent's
+    assert client.get_run(parent).data.params.items() >= shared.items()
+    assert client.get_run(alike.run_id).info.run_name == "probe_trial_t_00001"  # nothing sets it apart: Ray's name
+    rows = {r["trial"]: r for r in trial_rows(uri, parent)}  # the report puts them together again
+    assert (rows["t_00000"]["backbone"], rows["t_00000"]["loss"], rows["t_00000"]["head"]) == ("tiny_resnet_sup", "bce", "bcos-d2-w256")
+    assert rows["t_00001"]["head"] == "bcos-d2"
+
+
+def test_a_figure_with_a_key_is_also_an_image_the_chart_view_shows_across_runs(store):
+    import matplotlib.pyplot as plt
+
+    uri, experiment_id, parent = store
+    with TrialRun(uri, experiment_id, parent, "t_00010", "probe_trial_t_00010") as run:
+        figure, axes = plt.subplots(figsize=(2, 1), dpi=50)
+        assert run.log_figure(figure, "aggatt/gridpg-ixg-input.png", key="aggatt/gridpg/ixg/input") is True
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(run.run_id, "aggatt")] == ["aggatt/gridpg-ixg-input.png"]
+    images = [a.path for a in client.list_artifacts(run.run_id, "images")]
+    # MLflow's keyed image files: the key ("/" as "~"), its step, a full image and a thumbnail
+    assert len(images) == 2 and all(p.startswith("images/aggatt~gridpg~ixg~input+step+0+") for p in images), images
+    assert {p.rsplit(".", 1)[1] for p in images} == {"png", "webp"}
+    assert figure.number not in plt.get_fignums()

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from sweeps.folder_tracker import FolderTracker
 from sweeps.spec import DEMO_SPEC, load_spec
-from sweeps.trial import TrialConfig, flatten, run_trial
+from sweeps.trial import PROBE_SETTINGS, TrialConfig, run_trial, trial_params
 
 DATA = Path(__file__).parent / "data"
 # params: logged by the code before TrialConfig (8937cd7); metrics: run_trial on the weights it
@@ -58,11 +58,16 @@ def test_a_trial_config_is_strict_and_round_trips_through_its_dump():
 
 
 def test_the_demo_trials_log_the_params_they_logged_before():
-    """The MLflow param names and values of every demo trial are those of the code before TrialConfig
-    (and the settings added since, at their defaults)."""
+    """The MLflow param values of every demo trial are those of the code before TrialConfig (and
+    the settings added since, at their defaults); the probe's own settings are now ``probe.*``."""
     trials = load_spec(DEMO_SPEC).trials()
     for index, before in REFERENCE["trials"].items():
-        assert flatten(trials[int(index)].model_dump()) == before["params"] | ADDED_PARAMS
+        assert trial_params(trials[int(index)]) == _renamed(before["params"]) | ADDED_PARAMS
+
+
+def _renamed(params: dict[str, str]) -> dict[str, str]:
+    """The recorded params under today's names: the probe's own settings as ``probe.*``."""
+    return {f"probe.{k}" if k.split(".")[0] in PROBE_SETTINGS else k: v for k, v in params.items()}
 
 
 @pytest.mark.slow
@@ -96,7 +101,7 @@ def test_a_demo_trial_scores_as_recorded_on_fixed_weights_and_seed(index, tmp_pa
     assert yaml.safe_load((run / "trial_config.yaml").read_text()) == trial.model_dump()
     assert (run / "probe.pt").is_file() and (run / "aggatt" / "gridpg-ixg-input.png").is_file()
     assert tracker.tags["device"] == "cpu (cpu)"
-    assert json.loads((run / "run.json").read_text())["params"] == REFERENCE["trials"][index]["params"] | ADDED_PARAMS
+    assert json.loads((run / "run.json").read_text())["params"] == _renamed(REFERENCE["trials"][index]["params"]) | ADDED_PARAMS
 
 
 def test_probesweep_list_prints_every_registry_with_its_descriptions(capsys):
