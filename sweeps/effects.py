@@ -22,18 +22,17 @@ replicates, of seeds), not the grids a larger ``evaluate.n_grids`` would add.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from unittest import mock
 
 import numpy as np
 
 from evaluation.intervals import LEVEL, bootstrap_pvalues, hierarchical_interval, holm, percentile_interval
 from evaluation.score_rows import headline_rows, read_rows, unit_scores
 from sweeps.run_params import factors_of, run_params
+from sweeps.tracking import quiet_downloads
 
 __all__ = [
     "Effect", "TrialScores", "effects_csv", "forest_figure", "load_trial_scores", "paired_effects",
@@ -91,7 +90,7 @@ def load_trial_scores(uri: str, runs, shared: dict[str, str] | None = None) -> l
 
     client, out = MlflowClient(uri), []
     # no progress bar per file on the report's console (put back as it was on the way out)
-    with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+    with quiet_downloads():
         for run in runs:
             units: dict[str, tuple[np.ndarray, np.ndarray]] = {}
             headline: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from sweeps.effects import Effect, effects_csv, forest_figure
 from sweeps.report import cell, front_rows, metric_columns, pareto_figure, sort_rows, summary_csv, sweep_effects, trial_rows, value_of
 from sweeps.study_figures import importance_figure, parallel_figure
-from sweeps.tracking import run_url
+from sweeps.tracking import quiet_downloads, run_url
 
 __all__ = ["DESCRIPTION_TAG", "best_values", "log_sweep_summary", "results_markdown"]
 
@@ -103,7 +103,7 @@ def log_comparisons(client: MlflowClient, parent_run_id: str, rows: Sequence[dic
 
     kinds = {"aggatt": load_aggatt, "examples": load_examples}
     stored: dict[tuple[str, str], list] = {}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, quiet_downloads():
         for row in rows:
             run_id = str(row["_run_id"])
             for kind, load in kinds.items():

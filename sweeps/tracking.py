@@ -8,6 +8,7 @@ any trial starts (many trials creating a fresh SQLite schema at once would race)
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -32,12 +33,21 @@ __all__ = [
     "runs_table_url",
     "run_url",
     "ui_base",
+    "quiet_downloads",
 ]
 
 SWEEP_TAG = "probesweep.sweep"
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100  # MLflow's limits for one log_batch
 OBJECTIVES_PARAM = "objectives"  # of the parent run, as JSON
 UI_HOST, UI_PORT = "127.0.0.1", 5000
+
+
+def quiet_downloads():
+    """A context in which MLflow downloads artifacts without a progress bar per file (on the
+    report's console); the environment is put back as it was on the way out."""
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
 
 
 def _local_store_dir(uri: str) -> Path | None:

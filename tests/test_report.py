@@ -59,12 +59,22 @@ def test_trial_runs_get_their_final_status_from_ray(tmp_path):
 
 
 def _cli(*args, cwd):
-    import subprocess
-    import sys
-    from pathlib import Path
+    """``probesweep ARGS`` in ``cwd``, in this process (a new one spends seconds on its imports)."""
+    import io
+    import os
+    from contextlib import redirect_stderr, redirect_stdout
+    from types import SimpleNamespace
 
-    probesweep = str(Path(sys.executable).with_name("probesweep"))
-    return subprocess.run([probesweep, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    from sweeps.cli import run_cli
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = run_cli(list(args))
+    finally:
+        os.chdir(before)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path):
@@ -137,7 +147,10 @@ def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_
     assert "gridpg.csv.gz: not a score table" in result.stdout
 
 
-def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_path):
+def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_path, capfd):
+    import torch
+
+    from evaluation.aggatt import aggatt_bins, save_aggatt
     from sweeps.summary import DESCRIPTION_TAG, log_sweep_summary
     from sweeps.tracking import run_url
 
@@ -153,9 +166,17 @@ def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_pat
             run.log_params({"probe.loss": loss})
             run.log_metrics({"val/accuracy": accuracy, "gridpg/ixg/input": score, "gridpg/ixg/input/ci_low": score - 0.05,
                              "gridpg/ixg/input/ci_high": score + 0.05}, step=1)  # fmt: skip
+        bins = tmp_path / trial_id / "gridpg-ixg-input.npz"  # the AggAtt bins a trial stores
+        bins.parent.mkdir()
+        save_aggatt(aggatt_bins(torch.rand(20, 8, 8), torch.rand(20)), bins)
+        client.log_artifact(run.run_id, str(bins), "aggatt")
         client.set_terminated(run.run_id, status)
         runs[trial_id] = run.run_id
+    capfd.readouterr()
     front = log_sweep_summary(uri, parent, objectives)
+    assert "Downloading" not in capfd.readouterr().err  # no progress bar per stored file
+    # the finished probes' AggAtt side by side
+    assert [a.path for a in client.list_artifacts(parent, "compare")] == ["compare/aggatt-gridpg-ixg-input.png"]
     logged = client.get_run(parent)
     # the failed trial's better values do not count
     assert {k: v for k, v in logged.data.metrics.items() if k.startswith("best/")} == {"best/gridpg/ixg/input": 0.6, "best/val/accuracy": 0.95}
