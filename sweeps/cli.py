@@ -118,7 +118,7 @@ def _print_results(
     try:
         effects, replicates = sweep_effects(uri, parent_run_id)
     except Exception as err:  # the stored rows are artifacts: a store may hold the runs but not reach them
-        console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False)
+        console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False, soft_wrap=True)
         effects, replicates = [], []
     if replicates:
         console.print(render_replicates(replicates))

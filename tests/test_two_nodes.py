@@ -24,6 +24,7 @@ from servers import MlflowServer, free_port, ray_environment, ray_node, stop_gro
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
+EPOCHS = 8
 
 
 def spec(name: str, epochs: int, seeds: int) -> dict:
@@ -114,30 +115,16 @@ def _steps(tracking_uri: str, run_id: str) -> list[int]:
     return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")]
 
 
-def test_job_extracts_features_and_runs_trials_on_both_nodes(cluster):
+def test_job_extracts_features_runs_trials_on_both_nodes_and_a_server_restart_loses_nothing(cluster):
+    """One job for two properties (a job costs about a minute here): its features are extracted
+    on both nodes and its trials run on both; the tracking server restarts while they log."""
     # features of their own (float16, small shards): extracted by this sweep, not found in the cache
-    sweep = spec("spread", epochs=3, seeds=2) | {"features": {"shard_rows": 128}}
+    sweep = spec("spread", epochs=EPOCHS, seeds=2) | {"features": {"shard_rows": 128}}
     sweep["train"] |= {"feature_dtype": "float16"}
-    result = cluster.submit("spread", sweep, wait=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = cluster.runs("spread")
-    children = _children(runs)
-    assert len(children) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    node_ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
-    assert {c.data.tags["node_id"] for c in children} == set(node_ips)  # both nodes
-    manifests = [json.loads(m.read_text()) for m in Path(os.environ["PROBESWEEP_CACHE"]).glob("features/*/digits-*-float16-*/manifest.json")]
-    assert {m["split"] for m in manifests} == {"train", "val"} and all(m["shard_rows"] == 128 for m in manifests)
-    assert {s["node"] for m in manifests for s in m["shards"]} == set(node_ips), result.stdout[-3000:]  # shards from both nodes
-    assert all(c.data.tags["node_ip"] == node_ips[c.data.tags["node_id"]] for c in children), (
-        [c.data.tags for c in children], node_ips
-    )
-
-
-def test_tracking_server_restart_loses_nothing(cluster):
-    job = cluster.submit("restart", spec("restart", epochs=8, seeds=1), wait=False)
+    job = cluster.submit("spread", sweep, wait=False)
     try:
         deadline = time.monotonic() + 300
-        while not any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 2 for c in _children(cluster.runs("restart"))):
+        while not any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 2 for c in _children(cluster.runs("spread"))):
             assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before the server could restart"
             time.sleep(0.5)
         cluster.server.stop()  # while trials log to it; then again on the same port and store
@@ -148,12 +135,20 @@ def test_tracking_server_restart_loses_nothing(cluster):
         if job.poll() is None:
             stop_group(job)
     assert job.returncode == 0, output[-3000:]
-    runs = cluster.runs("restart")
+    runs = cluster.runs("spread")
     children = _children(runs)
-    assert len(children) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    for child in children:  # every final metric arrived
+    assert len(children) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for child in children:  # every final metric and every epoch arrived, each once
         assert {"val/accuracy", "gridpg/ixg/input", "grids/count"} <= set(child.data.metrics)
-        assert sorted(set(_steps(cluster.tracking_uri, child.info.run_id))) == list(range(1, 9))
+        assert sorted(set(_steps(cluster.tracking_uri, child.info.run_id))) == list(range(1, EPOCHS + 1))
+    node_ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
+    assert {c.data.tags["node_id"] for c in children} == set(node_ips)  # both nodes
+    manifests = [json.loads(m.read_text()) for m in Path(os.environ["PROBESWEEP_CACHE"]).glob("features/*/digits-*-float16-*/manifest.json")]
+    assert {m["split"] for m in manifests} == {"train", "val"} and all(m["shard_rows"] == 128 for m in manifests)
+    assert {s["node"] for m in manifests for s in m["shards"]} == set(node_ips), output[-3000:]  # shards from both nodes
+    assert all(c.data.tags["node_ip"] == node_ips[c.data.tags["node_id"]] for c in children), (
+        [c.data.tags for c in children], node_ips
+    )
 
 
 def test_lost_node_trials_resume_from_their_checkpoints(cluster):
