@@ -367,7 +367,7 @@ def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Cal
     interrupted = ended_by == "interrupt" or (ended_by == "fit" and ended < outcome.n_trials)
     status = "KILLED" if interrupted else "FINISHED" if ended_by == "fit" and failed == 0 else "FAILED"
     try:
-        front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives)
+        front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives, log=log)
         log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")
     except Exception as err:  # the trials' results are in MLflow whatever happens here
         log(f"could not log the sweep's summary to MLflow: {err}")

@@ -1,14 +1,14 @@
 """The answer on a sweep's parent run, where the MLflow UI shows it: the best value of each
 objective as a metric (``best/<objective>``), a markdown results table as the run's description
 (best first, each score with its 95% interval, the probes linked to their runs, the Pareto front
-and the paired effects), and ``summary.csv``, ``pareto.json``, ``pareto.png``, ``parallel.png`` and ``importance.png``
-(:mod:`sweeps.study_figures`), ``effects.csv``, ``effects.png`` and ``compare/aggatt-*.png`` (the
-probes' AggAtt side by side) as artifacts."""
+and the paired effects), and as artifacts ``summary.csv``, ``pareto.json``, ``pareto.png``,
+``parallel.png`` and ``importance.png`` (:mod:`sweeps.study_figures`), ``effects.csv``,
+``effects.png``, and the probes side by side: ``compare/aggatt-*.png`` and ``compare/examples-*.png``."""
 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mlflow import MlflowClient
 
@@ -73,7 +73,7 @@ def results_markdown(
             [[e.label, e.backbone, e.score, f"{e.mean:+.3f}{' *' if e.significant else ''}", f"[{e.low:+.3f}, {e.high:+.3f}]",
               f"{e.p_holm:.3g}"] for e in effects],
         )  # fmt: skip
-    tail += ["", "Figures: `pareto.png`, `parallel.png`, `importance.png`, `effects.png`, the probes' AggAtt side by side under `compare/`; every trial and interval: `summary.csv` (this run's artifacts)."]
+    tail += ["", "Figures: `pareto.png`, `parallel.png`, `importance.png`, `effects.png`, the probes' AggAtt and examples side by side under `compare/`; every trial and interval: `summary.csv` (this run's artifacts)."]
     for shown in range(len(rows), -1, -1):  # as many rows as fit, best first
         note = table(rows[:shown]) + (["", f"*{len(rows) - shown} more in `summary.csv`*"] if shown < len(rows) else [])
         text = "\n".join(head + note + tail)
@@ -126,8 +126,12 @@ def log_comparisons(client: MlflowClient, parent_run_id: str, rows: Sequence[dic
     return logged
 
 
-def log_sweep_summary(uri: str, parent_run_id: str, objectives: dict[str, str], title: str = "") -> list[dict[str, object]]:
-    """Log the sweep's answer to its parent run (see the module docstring). Returns the front."""
+def log_sweep_summary(
+    uri: str, parent_run_id: str, objectives: dict[str, str], title: str = "", log: Callable[[str], None] = print
+) -> list[dict[str, object]]:
+    """Log the sweep's answer to its parent run (see the module docstring); a part that cannot be
+    made (stored rows or bins a store cannot serve) is left out, with a line to ``log``. Returns
+    the front."""
     import matplotlib.pyplot as plt
 
     client = MlflowClient(uri)
@@ -152,14 +156,18 @@ def log_sweep_summary(uri: str, parent_run_id: str, objectives: dict[str, str], 
             plt.close(figure)
     try:
         effects = sweep_effects(uri, parent_run_id)[0]
-    except Exception:  # noqa: BLE001 (stored rows a store cannot serve: the answer is logged without effects)
+    except Exception as err:  # noqa: BLE001 (the answer is logged without them)
+        log(f"the sweep's paired effects are left out of its summary: {err}")
         effects = []
     if effects:
         client.log_text(parent_run_id, effects_csv(effects), "effects.csv")
         figure = forest_figure(effects, "paired effects")
         client.log_figure(parent_run_id, figure, "effects.png")
         plt.close(figure)
-    log_comparisons(client, parent_run_id, [r for r in trial_order(rows) if str(r["status"]).startswith("FINISHED")], parent.data.params)
+    try:
+        log_comparisons(client, parent_run_id, [r for r in trial_order(rows) if str(r["status"]).startswith("FINISHED")], parent.data.params)
+    except Exception as err:  # noqa: BLE001 (the answer is logged without them)
+        log(f"the side-by-side figures are left out of the sweep's summary: {err}")
     note = results_markdown(rows, objectives, effects, links, title or f"sweep {parent.info.run_name}")
     client.set_tag(parent_run_id, DESCRIPTION_TAG, note)
     return front

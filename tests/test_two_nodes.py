@@ -55,7 +55,10 @@ class Cluster:
         ]  # fmt: skip
         if wait:
             return subprocess.run(command, env=ray_environment(), capture_output=True, text=True, timeout=900)
-        return subprocess.Popen(command, env=ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # its own process group: stop_group ends it and what it started if a test fails midway
+        return subprocess.Popen(
+            command, env=ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
 
     def nodes(self) -> list[dict]:
         listed = subprocess.run(
@@ -125,7 +128,7 @@ def test_job_extracts_features_runs_trials_on_both_nodes_and_a_server_restart_lo
     try:
         deadline = time.monotonic() + 300
         while not any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 2 for c in _children(cluster.runs("spread"))):
-            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before the server could restart"
+            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before the server could restart: " + job.communicate()[0][-3000:]
             time.sleep(0.5)
         cluster.server.stop()  # while trials log to it; then again on the same port and store
         time.sleep(5)
@@ -160,7 +163,7 @@ def test_lost_node_trials_resume_from_their_checkpoints(cluster):
             on_worker = [c for c in _children(cluster.runs("lost")) if c.data.tags.get("node_id") == worker_id]
             if any(len(_steps(cluster.tracking_uri, c.info.run_id)) >= 3 for c in on_worker):
                 break
-            assert job.poll() is None and time.monotonic() < deadline, "no trial ran on the worker node"
+            assert job.poll() is None and time.monotonic() < deadline, "no trial ran on the worker node: " + job.communicate()[0][-3000:]
             time.sleep(0.3)
         lost_run = on_worker[0].info.run_id
         os.killpg(cluster.worker.pid, signal.SIGKILL)  # the worker node and all it started, at once
