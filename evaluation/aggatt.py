@@ -9,6 +9,7 @@ top-left cell), so that the bins are comparable pixel by pixel.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,11 @@ def save_aggatt(aggatt: AggAtt, path, max_side: int = STORED_SIDE) -> None:
                         labels=np.array(aggatt.labels), vmax=np.array(aggatt.vmax))  # fmt: skip
 
 
+def _column_title(name: str) -> str:
+    """A probe's name over two lines (``tiny_resnet_sup`` over ``ce-linear``): many columns fit."""
+    return name.replace("-", "\n", 1)
+
+
 def _pooled(batch: torch.Tensor, max_side: int) -> torch.Tensor:
     """(N, C, H, W) averaged over square blocks so that no side is over ``max_side``."""
     factor = -(-max(batch.shape[-2:]) // max_side)
@@ -138,34 +144,38 @@ def load_examples(path) -> dict[str, torch.Tensor]:
 
 def examples_comparison_figure(probes: list[tuple[str, dict[str, torch.Tensor]]], title: str = "", rows: int = 4, max_probes: int = 24):
     """Several probes' explanations of the same examples: a column per probe (the first
-    ``max_probes``), a row per example that every probe's gallery holds (the first ``rows``, by
-    id), each map over its image on its own scale with its score. None when the probes share no
-    example."""
+    ``max_probes``), a row per example (the ``rows`` held by the most probes' galleries, then by
+    id; a probe whose gallery lacks one shows an empty panel saying so), each map over its image
+    on its own scale with its score. None when no two probes share an example."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = probes[:max_probes]
-    common = set.intersection(*(set(examples["ids"].tolist()) for _, examples in shown)) if shown else set()
-    chosen = sorted(common)[:rows]
+    holders = Counter(i for _, examples in shown for i in set(examples["ids"].tolist()))
+    chosen = sorted((i for i, n in holders.items() if n > 1), key=lambda i: (-holders[i], i))[:rows]
     if not chosen:
         return None
     figure, axes = plt.subplots(len(chosen), len(shown), figsize=(1.7 * len(shown), 1.8 * len(chosen) + 0.6), squeeze=False, layout="constrained")
     for column, (name, examples) in enumerate(shown):
         where = {int(i): k for k, i in enumerate(examples["ids"].tolist())}
-        axes[0, column].set_title(name, fontsize=8)
+        axes[0, column].set_title(_column_title(name), fontsize=8)
         for row, example in enumerate(chosen):
-            k, ax = where[example], axes[row, column]
+            ax = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(f"#{example}", fontsize=8)
+            if example not in where:
+                ax.text(0.5, 0.5, "not among\nits examples", ha="center", va="center", fontsize=7, color="0.4", transform=ax.transAxes)
+                continue
+            k = where[example]
             positive = examples["maps"][k].clamp(min=0).double()
             top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
             ax.imshow(examples["images"][k].permute(1, 2, 0).numpy())
             ax.imshow((positive / top).clamp(max=1).numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
             ax.set_xlabel(f"score {float(examples['scores'][k]):.2f}", fontsize=7)
-            if column == 0:
-                ax.set_ylabel(f"#{example}", fontsize=8)
     figure.suptitle((title or "examples") + ": the same examples, a column per probe", fontsize=9)
     return figure
 
@@ -194,7 +204,7 @@ def comparison_figure(probes: list[tuple[str, AggAtt]], title: str = "", grid: i
     )
     image = None
     for column, (name, aggatt) in enumerate(shown):
-        axes[0, column].set_title(name, fontsize=8)
+        axes[0, column].set_title(_column_title(name), fontsize=8)
         for row, (bin_map, label, count) in enumerate(zip(aggatt.maps, aggatt.labels, aggatt.counts)):
             draw_bin(axes[row, column], bin_map / max(aggatt.vmax, 1e-12), 1.0, count, grid)
             image = axes[row, column].images[0] if axes[row, column].images else image

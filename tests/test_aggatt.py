@@ -118,4 +118,10 @@ def test_stored_examples_come_back_and_probes_are_shown_on_the_examples_they_sha
     # a row per shared example (3, 8: the first two by id), a column per probe, in order
     assert [ax.get_title() for ax in panels[:2]] == ["ce", "bce"] and [ax.get_ylabel() for ax in panels[::2]] == ["#3", "#8"]
     assert panels[1].get_xlabel() == "score 0.00" and panels[0].get_xlabel() == "score 0.00" and panels[2].get_xlabel() == "score 0.25"
+    # three probes: the examples most of them hold come first; one a probe lacks is an empty, labelled panel
+    third = {**second, "ids": torch.tensor([8, 30, 31, 32])}
+    figure = examples_comparison_figure([("ce", first), ("bce", second), ("bcos", third)], rows=2)
+    assert [ax.get_ylabel() for ax in figure.axes[::3]] == ["#8", "#3"]  # 8: all three; 3: two of them
+    lacking = figure.axes[5]  # row "#3", probe "bcos"
+    assert not lacking.get_images() and [t.get_text() for t in lacking.texts] == ["not among\nits examples"]
     assert examples_comparison_figure([("ce", first), ("x", {**second, "ids": torch.tensor([0, 2, 4, 6])})]) is None  # nothing shared
