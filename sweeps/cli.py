@@ -76,7 +76,7 @@ def _print_results(
     from probing.registry import unknown_name
     from sweeps.effects import effects_csv, forest_figure
     from sweeps.report import (
-        FIXED, GROUP_COLUMNS, fitting_metrics, front_rows, group_rows, metric_columns, pareto_figure, render_effects, render_groups,
+        GROUP_COLUMNS, fitting_metrics, front_rows, group_rows, metric_columns, pareto_figure, render_effects, render_groups,
         render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows,
     )  # fmt: skip
     from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
@@ -84,7 +84,7 @@ def _print_results(
     objectives = sweep_objectives(MlflowClient(uri).get_run(parent_run_id))
     order = sort or objectives
     rows = trial_rows(uri, parent_run_id, list(dict.fromkeys([*objectives, *order])))
-    known = sorted({"val/accuracy"} | {k for row in rows for k in row if not k.startswith("_") and k not in FIXED})  # numbers
+    known = sorted({"val/accuracy", *metric_columns(rows)})  # numbers
     for metric in order:
         if metric not in known:
             typer.echo(f"--sort: {unknown_name('column', metric, known)}", err=True)

@@ -60,7 +60,6 @@ def trial_rows(uri: str, parent_run_id: str, metrics: Sequence[str] = ()) -> lis
         row: dict[str, object] = {
             "_run_id": run.info.run_id,  # keys starting with "_" are not columns
             "_name": run.info.run_name,
-            "_started": run.info.start_time,
             "_params": params,
             "trial": run.data.tags.get("trial_id", run.info.run_name),
             "backbone": params.get("backbone.name", "?"),
@@ -149,7 +148,7 @@ def group_rows(rows: Sequence[dict[str, object]], column: str) -> list[dict[str,
         if str(row["status"]).startswith("FINISHED"):
             key = row[column] if column in GROUP_COLUMNS else (row.get("_params") or {}).get(column, "-")
             groups.setdefault(str(key), []).append(row)
-    scores = ["val/accuracy", *sorted({k for row in rows for k in row if k not in FIXED and not k.startswith("_")})]
+    scores = ["val/accuracy", *metric_columns(rows)]
     out = []
     for key, members in groups.items():
         means = {}

@@ -82,11 +82,6 @@ def results_markdown(
     return text[:MAX_DESCRIPTION]
 
 
-def trial_order(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
-    """``rows`` in the order their trials started (``_started``)."""
-    return sorted(rows, key=lambda r: r.get("_started") or 0)
-
-
 def log_comparisons(client: MlflowClient, parent_run_id: str, rows: Sequence[dict[str, object]], shared: dict[str, str]) -> list[str]:
     """Put the probes of ``rows`` side by side, a column each in ``rows``' order: for every
     (metric, method, layer) their AggAtt (from ``aggatt/<metric>-<method>-<layer>.npz``) as
@@ -137,7 +132,8 @@ def log_sweep_summary(
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     experiment_id = parent.info.experiment_id
-    rows = sort_rows(trial_rows(uri, parent_run_id, list(objectives)), objectives)
+    started = trial_rows(uri, parent_run_id, list(objectives))  # in the order the trials started
+    rows = sort_rows(started, objectives)
     front = front_rows(rows, objectives)
     links = {str(r["_run_id"]): run_url(uri, experiment_id, str(r["_run_id"])) for r in rows}
     client.log_text(parent_run_id, summary_csv(rows), "summary.csv")
@@ -165,7 +161,7 @@ def log_sweep_summary(
         client.log_figure(parent_run_id, figure, "effects.png")
         plt.close(figure)
     try:
-        log_comparisons(client, parent_run_id, [r for r in trial_order(rows) if str(r["status"]).startswith("FINISHED")], parent.data.params)
+        log_comparisons(client, parent_run_id, [r for r in started if str(r["status"]).startswith("FINISHED")], parent.data.params)
     except Exception as err:  # noqa: BLE001 (the answer is logged without them)
         log(f"the side-by-side figures are left out of the sweep's summary: {err}")
     note = results_markdown(rows, objectives, effects, links, title or f"sweep {parent.info.run_name}")
