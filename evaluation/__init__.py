@@ -4,4 +4,4 @@ Importing the package registers every attribution method (:mod:`evaluation.attri
 every localisation metric (:mod:`evaluation.metrics`) beside its code.
 """
 
-from evaluation import attribution, epg, grid_models, gridpg, map_metrics  # noqa: F401  (registration)
+from evaluation import attribution, deletion, epg, grid_models, gridpg, map_metrics  # noqa: F401  (registration)

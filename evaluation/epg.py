@@ -1,7 +1,7 @@
-"""EPG evaluation on multi-label data with boxes (VOC 2007, COCO 2014).
+"""Box evaluation on multi-label data (VOC 2007, COCO 2014): EPG and the pointing game.
 
-One row per (image, ground-truth class): the map for that class is scored by the Energy Pointing
-Game against the union of the class's boxes. Boxes flagged difficult (VOC) or crowd (COCO) are
+One row per (image, ground-truth class): the map for that class is scored against the union of
+the class's boxes, by the Energy Pointing Game and the pointing game (15 px tolerance). Boxes flagged difficult (VOC) or crowd (COCO) are
 left out, and a class with only such boxes is not explained. As in the grid evaluation, one
 backbone forward per batch and layer serves every method and every class of an image.
 """
@@ -14,8 +14,8 @@ import torch
 
 from evaluation.batching import halving_batches
 from evaluation.gridpg import explain_pairs, method_layer_pairs
-from evaluation.localization import energy_pointing_game
-from evaluation.metrics import localisation_metric
+from evaluation.localization import energy_pointing_game, pointing_game
+from evaluation.metrics import METRICS, localisation_metric
 from evaluation.smoothing import Smoothing
 
 __all__ = ["box_mask", "epg_rows", "evaluate_epg"]
@@ -51,7 +51,14 @@ def epg_rows(boxes: tuple[torch.Tensor, ...], n_images: int, seed: int = 0) -> l
     return rows
 
 
-@localisation_metric("epg", "boxes", "Energy Pointing Game: the share of positive attribution inside the class's boxes")
+localisation_metric("epg", "boxes", "Energy Pointing Game: the share of positive attribution inside the class's boxes")(
+    energy_pointing_game
+)
+localisation_metric("pointing_game", "boxes", "pointing game: the map's maximum within 15 px of the class's boxes (hit rate)")(
+    pointing_game
+)
+
+
 def evaluate_epg(
     model,
     images,
@@ -66,17 +73,21 @@ def evaluate_epg(
     on_maps: Callable | None = None,
     on_rows: Callable[[tuple[str, str, str], dict[str, torch.Tensor]], None] | None = None,
     method_options: dict[str, dict] | None = None,
+    metrics: tuple[str, ...] = ("epg",),
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Mean EPG of every (method, layer) pair over the (image, class) rows.
+    """Mean box score (EPG, pointing game) of every (method, layer) pair over the (image, class) rows.
 
     Args:
         model: a ``ProbedModel`` in eval mode. images: the split's images in [0, 1] (a tensor or a
             lazy image list); boxes: the split's boxes (``probing.datasets.Split.boxes``).
         probabilities: logits -> probabilities, for the methods that use them.
-        on_maps: called per batch with ``("epg", method, layer)``, the maps, the rows' classes,
-            their scores, their images and their indices among the rows (the same for every probe).
-        on_rows: called once per ``("epg", method, layer)`` with its rows: ``image`` (index in
+        metrics: ``boxes`` metrics of :mod:`evaluation.metrics` (``epg``, ``pointing_game``), all
+            scored on the same maps.
+        on_maps: called per batch with ``(metrics[0], method, layer)``, the maps, the rows'
+            classes, their scores, their images and their indices among the rows (the same for
+            every probe).
+        on_rows: called once per ``(metric, method, layer)`` with its rows: ``image`` (index in
             ``images``), ``class``, ``confidence`` (the probe's probability of the class on the
             image) and ``score``. The rows depend on the boxes and ``seed`` only: every probe of
             a data set scores the same ones.
@@ -85,13 +96,17 @@ def evaluate_epg(
             (logged to ``log``).
 
     Returns:
-        ``epg/<method>/<layer>`` and ``epg/rows`` (the number of (image, class) rows scored).
+        ``<metric>/<method>/<layer>`` and ``epg/rows`` (the number of (image, class) rows scored).
     """
+    scorers = {metric: METRICS.get(metric) for metric in metrics}
+    for metric, entry in scorers.items():
+        if entry.protocol != "boxes":
+            raise ValueError(f"metric {metric!r} is not scored on boxes ({entry.protocol})")
     smoothing = smoothing or {}
     rows = epg_rows(boxes, n_images, seed)
     pairs = method_layer_pairs(methods, layers)
-    metrics: dict[str, float] = {"epg/rows": float(len(rows))}
-    scores: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    out: dict[str, float] = {"epg/rows": float(len(rows))}
+    scores: dict[tuple[str, str, str], list[torch.Tensor]] = {(m, *pair): [] for m in metrics for pair in pairs}
     confidences: list[torch.Tensor] = []
     device = next(model.parameters()).device
 
@@ -114,21 +129,23 @@ def evaluate_epg(
         for method, layer, maps in explain_pairs(
             model, inputs[which], targets, pairs, shared_activation, probabilities, smoothing, method_options
         ):
-            score = energy_pointing_game(maps, masks)
-            results.append(((method, layer), score, maps.detach() if on_maps else None, targets, pictures[which.cpu()], torch.arange(start, stop)))
+            for n, metric in enumerate(metrics):
+                score = scorers[metric].score(maps, masks)
+                shown = maps.detach() if on_maps and n == 0 else None  # one figure per map, not per metric
+                results.append(((metric, method, layer), score, shown, targets, pictures[which.cpu()], torch.arange(start, stop)))
         return confidence, results
 
     for confidence, results in halving_batches(len(rows), rows_per_batch, score_batch, "EPG attributions", log):
         confidences.append(confidence)
-        for (method, layer), score, maps, targets, pictures, ids in results:
-            scores[(method, layer)].append(score.cpu())
-            if on_maps is not None:
-                on_maps(("epg", method, layer), maps, targets, score, pictures, ids)
-    for (method, layer), values in scores.items():
+        for key, score, maps, targets, pictures, ids in results:
+            scores[key].append(score.cpu())
+            if on_maps is not None and maps is not None:
+                on_maps(key, maps, targets, score, pictures, ids)
+    for key, values in scores.items():
         if values:
             values = torch.cat(values)
-            metrics[f"epg/{method}/{layer}"] = values.mean().item()
+            out["/".join(key)] = values.mean().item()
             if on_rows is not None:
                 image, cls = torch.tensor(rows).T
-                on_rows(("epg", method, layer), {"image": image, "class": cls, "confidence": torch.cat(confidences), "score": values})
-    return metrics
+                on_rows(key, {"image": image, "class": cls, "confidence": torch.cat(confidences), "score": values})
+    return out

@@ -117,8 +117,9 @@ def evaluate_gridpg(
             scored grids whose every cell's image the probe classifies with at least this
             probability. When no grid qualifies, every scored grid counts, and
             ``grids/threshold`` says 0 (it is ``confidence`` otherwise).
-        metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``) and
-            map metrics scored on GridPG's maps (``compactness``, ``complexity``).
+        metrics: grid metrics of :mod:`evaluation.metrics` (``gridpg``, ``difull``, ``dipart``),
+            and metrics scored on GridPG's maps: of the maps alone (``compactness``,
+            ``complexity``) or of the model's response to them (``deletion``, ``insertion``).
         smoothing: per method name, applied to the maps before scoring. Default: none.
         method_options: keyword arguments per method name (``{"lime": {"num_samples": 100}}``).
         di_cells: ``corners`` (DiFull and DiPart explain the top-left and bottom-right cells, as
@@ -143,7 +144,7 @@ def evaluate_gridpg(
     """
     # metrics checked before any work; map metrics score the GridPG maps (explained even when
     # GridPG itself is not asked for)
-    on_maps_of_gridpg = tuple(m for m in metrics if METRICS.get(m).protocol == "maps")
+    on_maps_of_gridpg = tuple(m for m in metrics if METRICS.get(m).protocol in ("maps", "perturbation"))
     settings = tuple(m for m in metrics if m not in on_maps_of_gridpg)
     explained_settings = settings + (("gridpg",) if on_maps_of_gridpg and "gridpg" not in settings else ())
     explained = {setting: explained_cells(check_setting(setting), grid, di_cells) for setting in explained_settings}
@@ -193,7 +194,8 @@ def evaluate_gridpg(
                     results.append(((setting, method, layer), score, maps.detach() if on_maps else None, cell_index, grid_images, ids))
                 if setting == "gridpg":
                     for metric in on_maps_of_gridpg:
-                        results.append(((metric, method, layer), METRICS.get(metric).score(maps.detach()), None, cell_index, grid_images, ids))
+                        score = map_score(metric, setting_model, inputs, targets, maps.detach(), probabilities)
+                        results.append(((metric, method, layer), score, None, cell_index, grid_images, ids))
         return results
 
     for results in halving_batches(len(grids), grids_per_batch, score_batch, "grid attributions", log):
@@ -208,6 +210,14 @@ def evaluate_gridpg(
         if on_rows is not None:
             on_rows((setting, method, layer), _grid_rows(grids, explained[setting], predicted) | {"headline": counted, "score": values})
     return scores_out
+
+
+def map_score(metric: str, model, inputs, targets, maps: torch.Tensor, probabilities) -> torch.Tensor:
+    """(B,) score of a ``maps`` or ``perturbation`` metric on the rows' maps."""
+    entry = METRICS.get(metric)
+    if entry.protocol == "maps":
+        return entry.score(maps)
+    return entry.score(model, inputs, targets, maps, probabilities)
 
 
 def _grid_rows(grids, cells: torch.Tensor, predicted: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,10 +5,12 @@ A metric is scored on one of three protocols:
 - ``grids``: n x n grids of confidently classified single-label images (Rao et al., CVPR 2022).
   GridPG explains the plain model; DiFull and DiPart explain a grid model built from it
   (:mod:`evaluation.grid_models`), whose correct attribution is known.
-- ``boxes``: (image, class) rows of multi-label images with boxes, scored by EPG
-  (:mod:`evaluation.epg`).
+- ``boxes``: (image, class) rows of multi-label images with boxes, scored against the class's
+  boxes: the Energy Pointing Game and the pointing game (:mod:`evaluation.epg`).
 - ``maps``: a property of the maps GridPG explains (compactness, complexity;
   :mod:`evaluation.map_metrics`), scored on the same grids and rows.
+- ``perturbation``: the model's response as the GridPG maps' pixels are removed or inserted in
+  order (deletion, insertion; :mod:`evaluation.deletion`), on the same grids and rows.
 
 The score functions themselves are pure (:mod:`evaluation.localization`).
 """
@@ -20,13 +22,16 @@ from typing import Callable, Literal
 
 from probing.registry import Registry
 
-__all__ = ["METRICS", "Metric", "grid_metrics", "list_metrics", "localisation_metric"]
+__all__ = ["GRID_EVALUATED", "METRICS", "Metric", "grid_metrics", "list_metrics", "localisation_metric"]
 
 PROTOCOL_NEEDS = {
     "grids": "single-label images for its grids",
     "boxes": "a data set with boxes (voc2007, coco2014)",
     "maps": "single-label images for the GridPG grids it is scored on",
+    "perturbation": "single-label images for the GridPG grids it is scored on",
 }
+Protocol = Literal["grids", "boxes", "maps", "perturbation"]
+GRID_EVALUATED = ("grids", "maps", "perturbation")  # the protocols evaluation.gridpg scores
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,15 @@ class Metric:
     """A registered metric.
 
     Attributes:
-        protocol: ``grids`` or ``boxes`` (see the module docstring).
+        protocol: ``grids``, ``boxes``, ``maps`` or ``perturbation`` (see the module docstring).
         grid_model: ``grids`` only: ``(model, grid, cells) -> the model to explain``, or None for
             the plain model.
-        score: ``maps`` only: ``maps (B, H, W) -> (B,)``.
+        score: ``maps``: ``maps (B, H, W) -> (B,)``; ``boxes``: ``(maps, masks) -> (B,)``;
+            ``perturbation``: ``(model, inputs, targets, maps, probabilities) -> (B,)``.
     """
 
     name: str
-    protocol: Literal["grids", "boxes", "maps"]
+    protocol: Protocol
     description: str
     grid_model: Callable | None = None
     score: Callable | None = None
@@ -55,14 +61,14 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def localisation_metric(name: str, protocol: Literal["grids", "boxes", "maps"], description: str):
+def localisation_metric(name: str, protocol: Protocol, description: str):
     """Decorator registering the metric ``name``; on a grid model class (or None-returning
-    function for the plain model) it also records how to build the model that is explained, on a
-    ``maps`` metric's function how it scores."""
+    function for the plain model) it also records how to build the model that is explained, on
+    the other protocols' function how it scores."""
 
     def add(obj):
         METRICS.register(name)(
-            Metric(name, protocol, description, obj if protocol == "grids" else None, obj if protocol == "maps" else None)
+            Metric(name, protocol, description, obj if protocol == "grids" else None, obj if protocol != "grids" else None)
         )
         return obj
 
@@ -71,7 +77,7 @@ def localisation_metric(name: str, protocol: Literal["grids", "boxes", "maps"], 
 
 def grid_metrics(names=None, protocols: tuple[str, ...] = ("grids",)) -> tuple[str, ...]:
     """The ``grids`` metrics among ``names`` (default: all registered), in their given order; with
-    ``protocols=("grids", "maps")`` those the grid evaluation scores."""
+    ``protocols=GRID_EVALUATED`` those the grid evaluation scores."""
     names = METRICS.names() if names is None else names
     return tuple(n for n in names if METRICS.get(n).protocol in protocols)
 

@@ -63,21 +63,23 @@ def _load(config: Path):
 
 def _print_results(
     uri: str, parent_run_id: str, experiment_id: str, title: str, output: Path | None = None, sort: dict[str, str] | None = None,
-    group_by: list[str] | None = None, wide: bool = False,
+    group_by: list[str] | None = None, wide: bool = False, analysis=None,
 ) -> None:
     """The trials best first (by ``sort``, default the objectives), the Pareto front with run
-    links, the seed replicates and paired effects, how to open the UI; with ``output``, also
-    ``summary.csv``, ``pareto.png``, ``effects.csv`` and ``effects.png`` there. On a terminal the
+    links, the seed replicates, paired effects and agreement of methods, how to open the UI; with
+    ``output``, also ``summary.csv``, ``pareto.png`` and the files of
+    :func:`sweeps.report.analysis_files` there. ``analysis``: the stored scores' analysis when the
+    caller has it (the end of ``run`` does: the summary made it), else it is read here. On a terminal the
     table leaves out the metric columns that do not fit (and says so) unless ``wide``; written to
     a file or pipe it has them all. ``group_by``: a table of each column's groups after it."""
     from mlflow import MlflowClient
     from rich.console import Console
 
     from probing.registry import unknown_name
-    from sweeps.effects import effects_csv, forest_figure
     from sweeps.report import (
-        GROUP_COLUMNS, fitting_metrics, front_rows, group_rows, metric_columns, pareto_figure, render_effects, render_groups,
-        render_replicates, render_table, sort_rows, summary_csv, sweep_effects, trial_rows,
+        GROUP_COLUMNS, SweepAnalysis, analysis_files, fitting_metrics, front_rows, group_rows, metric_columns, pareto_figure,
+        render_agreement, render_effects, render_groups, render_replicates, render_table, sort_rows, summary_csv, sweep_analysis,
+        trial_rows,
     )  # fmt: skip
     from sweeps.tracking import run_url, runs_table_url, sweep_objectives, ui_command
 
@@ -115,17 +117,21 @@ def _print_results(
         values = ", ".join(f"{m} {row[m]:.3f}" for m in objectives)
         console.print(f"  {row['trial']} {row['backbone']} {row['loss']} {row['head']}: {values}", highlight=False)
         console.print(f"    {run_url(uri, experiment_id, str(row['_run_id']))}", highlight=False, soft_wrap=True)
-    try:
-        effects, replicates = sweep_effects(uri, parent_run_id)
-    except Exception as err:  # the stored rows are artifacts: a store may hold the runs but not reach them
-        console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False, soft_wrap=True)
-        effects, replicates = [], []
-    if replicates:
-        console.print(render_replicates(replicates))
+    if analysis is None:
+        try:
+            analysis = sweep_analysis(uri, parent_run_id)
+        except Exception as err:  # the stored rows are artifacts: a store may hold the runs but not reach them
+            console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False, soft_wrap=True)
+            analysis = SweepAnalysis()
+    effects = analysis.effects
+    if analysis.replicates:
+        console.print(render_replicates(analysis.replicates))
     if effects:
         console.print(render_effects(effects))
         marked = sum(e.significant for e in effects)
         console.print(f"{marked} of {len(effects)} effects have a Holm-adjusted p below 0.05 (marked *)", highlight=False)
+    for metric in dict.fromkeys(r.metric for r in analysis.agreement):
+        console.print(render_agreement(analysis.agreement, metric))
     if output is not None:
         import matplotlib.pyplot as plt
 
@@ -135,12 +141,13 @@ def _print_results(
         figure.savefig(output / "pareto.png")
         plt.close(figure)
         written = ["summary.csv", "pareto.png"]
-        if effects:
-            (output / "effects.csv").write_text(effects_csv(effects))
-            figure = forest_figure(effects, f"{title}: paired effects")
-            figure.savefig(output / "effects.png")
-            plt.close(figure)
-            written += ["effects.csv", "effects.png"]
+        for name, content in analysis_files(analysis, title).items():
+            if isinstance(content, str):
+                (output / name).write_text(content)
+            else:
+                content.savefig(output / name)
+                plt.close(content)
+            written.append(name)
         console.print(f"Wrote {', '.join(written)} to {output}", highlight=False, soft_wrap=True)
     if uri.startswith(("http://", "https://")):  # the tracking server serves its own UI
         console.print(f"Open the runs in the tracking server's UI: {runs_table_url(uri, experiment_id)}", highlight=False, soft_wrap=True)
@@ -207,7 +214,7 @@ def _finish(start) -> None:
     except (FileExistsError, FileNotFoundError, PermissionError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}")
+    _print_results(outcome.tracking_uri, outcome.parent_run_id, outcome.experiment_id, f"sweep {outcome.name}", analysis=outcome.analysis)
     if outcome.interrupted:
         raise typer.Exit(130)  # the shell's code for Ctrl-C
     if outcome.n_failed:

@@ -1,24 +1,27 @@
 """Results read back from MLflow: one row per trial of a sweep, sorted by the sweep's objectives,
 with each score's 95% interval; its Pareto front (the trials no other trial beats on every
 objective) and their run links; the paired effects of the factors it varied and its seed
-replicates (:mod:`sweeps.effects`)."""
+replicates (:mod:`sweeps.effects`); the agreement of its methods, layers and kernels
+(:mod:`sweeps.agreement`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from mlflow import MlflowClient
 
 from evaluation.metrics import METRICS
+from sweeps.agreement import Agreement, agreement_csv, agreement_figure, method_agreement
 from sweeps.effects import Effect, effects_csv, forest_figure, load_trial_scores, paired_effects, replicate_scores
 from sweeps.run_params import head_of, run_params
 
 __all__ = [
-    "cell", "fitting_metrics", "front_rows", "grids_label", "group_rows", "metric_columns", "render_groups", "is_localisation_score", "pareto_front", "pareto_figure", "render_effects",
-    "render_replicates", "render_table", "sort_rows", "summary_csv", "sweep_effects", "sweep_runs", "trial_rows", "value_of",
+    "analysis_files", "cell", "fitting_metrics", "front_rows", "grids_label", "group_rows", "metric_columns", "render_groups", "is_localisation_score", "pareto_front", "pareto_figure", "render_agreement", "render_effects",
+    "render_replicates", "render_table", "sort_rows", "summary_csv", "sweep_analysis", "SweepAnalysis", "sweep_runs", "trial_rows", "value_of",
 ]
 
 
@@ -247,12 +250,38 @@ def pareto_figure(rows: list[dict[str, object]], objectives: dict[str, str], tit
     return figure
 
 
-def sweep_effects(uri: str, parent_run_id: str) -> tuple[list[Effect], list[dict[str, object]]]:
-    """The sweep's paired effects and its seed-replicate rows (:mod:`sweeps.effects`), from the
-    per-row scores its trials stored."""
+@dataclass(frozen=True)
+class SweepAnalysis:
+    """What the stored per-row scores of a sweep's trials say: the paired effects, the seed
+    replicates (:mod:`sweeps.effects`) and the agreement of methods, layers and kernels
+    (:mod:`sweeps.agreement`)."""
+
+    effects: list[Effect] = field(default_factory=list)
+    replicates: list[dict[str, object]] = field(default_factory=list)
+    agreement: list[Agreement] = field(default_factory=list)
+
+
+def sweep_analysis(uri: str, parent_run_id: str) -> SweepAnalysis:
+    """The sweep's :class:`SweepAnalysis`, from the per-row scores its trials stored (read once)."""
     runs = sweep_runs(uri, parent_run_id)  # in the order they started: a factor's first level is its baseline
     trials = load_trial_scores(uri, runs, MlflowClient(uri).get_run(parent_run_id).data.params)
-    return paired_effects(trials), replicate_scores(trials)
+    return SweepAnalysis(paired_effects(trials), replicate_scores(trials), method_agreement(trials))
+
+
+def analysis_files(analysis: SweepAnalysis, title: str = "") -> dict[str, object]:
+    """The analysis as files by name: ``effects.csv`` (text) and ``effects.png`` (a forest plot),
+    ``agreement.csv`` and ``agreement-<metric>.png`` (a heat map per metric); those with nothing to
+    show are left out. Figures are matplotlib figures, for the caller to save and close."""
+    named = f"{title}: " if title else ""
+    files: dict[str, object] = {}
+    if analysis.effects:
+        files["effects.csv"] = effects_csv(analysis.effects)
+        files["effects.png"] = forest_figure(analysis.effects, f"{named}paired effects")
+    if analysis.agreement:
+        files["agreement.csv"] = agreement_csv(analysis.agreement)
+        for metric in dict.fromkeys(r.metric for r in analysis.agreement):
+            files[f"agreement-{metric}.png"] = agreement_figure(analysis.agreement, metric, f"{named}{metric}: agreement of methods and layers")
+    return files
 
 
 def render_effects(effects: Sequence[Effect], title: str = ""):
@@ -265,6 +294,22 @@ def render_effects(effects: Sequence[Effect], title: str = ""):
     for e in effects:
         mark = "*" if e.significant else " "
         table.add_row(e.label, e.backbone, e.score, f"{e.mean:+.3f} {mark}", f"[{e.low:+.3f}, {e.high:+.3f}]", str(e.units), "-" if math.isnan(e.p_holm) else f"{e.p_holm:.3g}")
+    return table
+
+
+def render_agreement(rows: Sequence[Agreement], metric: str):
+    """A rich Table of one metric's agreements: Spearman's rho of each two columns (mean over probes)."""
+    from rich.table import Table
+
+    mine = [r for r in rows if r.metric == metric]
+    labels = list(dict.fromkeys(label for r in mine for label in (r.a, r.b)))
+    rho = {(r.a, r.b): r.rho for r in mine} | {(r.b, r.a): r.rho for r in mine}
+    table = Table(title=f"{metric}: agreement (Spearman's rho over the units both rank, mean over probes)")
+    table.add_column("")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for a in labels:
+        table.add_row(a, *("1" if a == b else f"{rho[(a, b)]:+.2f}" if (a, b) in rho else "-" for b in labels))
     return table
 
 

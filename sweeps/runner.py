@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
@@ -32,6 +32,9 @@ from sweeps.spec import SweepSpec
 # not sweeps.tracking: MLflow loads while Ray starts
 from sweeps.spec_files import SECRET_URI_ENV, check_name, default_tracking_uri, redact_uri, secret_uri
 
+if TYPE_CHECKING:  # (sweeps.report imports MLflow: the driver imports it when the sweep closes)
+    from sweeps.report import SweepAnalysis
+
 __all__ = ["SweepOutcome", "prepare_caches", "resume_sweep", "run_sweep", "trial_param_space"]
 
 
@@ -45,6 +48,7 @@ class SweepOutcome:
     n_failed: int
     storage_path: str
     interrupted: bool = False
+    analysis: SweepAnalysis | None = None  # of the stored scores, made for the parent run's summary
 
 
 def prepare_caches(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
@@ -186,7 +190,8 @@ def run_sweep(
         spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         parent_run_id = start_sweep_run(uri, experiment_id, name, spec_yaml, n_trials, spec.search.objectives, spec.shared_params())
         outcome = SweepOutcome(name, uri, experiment_id, parent_run_id, n_trials, n_trials, str(storage / name))
-        record = {"spec": spec.model_dump(mode="json"), "outcome": asdict(outcome) | {"tracking_uri": shown}}
+        stored = {k: v for k, v in asdict(outcome).items() if k != "analysis"}  # (made at the end, never stored)
+        record = {"spec": spec.model_dump(mode="json"), "outcome": stored | {"tracking_uri": shown}}
         (storage / name / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
         log(f"sweep {name}: {n_trials} trials ({spec.search.algorithm} search), MLflow {shown} (experiment {experiment_id}), Ray results {storage / name}")
         return outcome
@@ -346,14 +351,15 @@ def _drive(
         finally:  # never leave a run of the sweep RUNNING; count what ended from the runs themselves
             if tracking.exception() is None:  # (waits for it) else there are no runs: its error is raised
                 outcome = tracking.result()
-                failed, interrupted = _close_sweep(outcome, spec, ended_by, log)
+                failed, interrupted, analysis = _close_sweep(outcome, spec, ended_by, log)
     if interrupted:
         log(f"sweep {outcome.name} interrupted: continue it with `probesweep resume {outcome.name}`")
-    return replace(outcome, n_failed=failed, interrupted=interrupted)
+    return replace(outcome, n_failed=failed, interrupted=interrupted, analysis=analysis)
 
 
-def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Callable[[str], None]) -> tuple[int, bool]:
-    """Close the trial runs and the sweep's run, with its summary; returns (failed trials, interrupted)."""
+def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Callable[[str], None]) -> tuple[int, bool, SweepAnalysis | None]:
+    """Close the trial runs and the sweep's run, with its summary; returns (failed trials,
+    interrupted, the analysis of the stored scores or None where the summary failed)."""
     from mlflow import MlflowClient
 
     from sweeps.summary import log_sweep_summary
@@ -366,10 +372,11 @@ def _close_sweep(outcome: SweepOutcome, spec: SweepSpec, ended_by: str, log: Cal
     ended = failed + sum(s == "FINISHED" for s in statuses.values())
     interrupted = ended_by == "interrupt" or (ended_by == "fit" and ended < outcome.n_trials)
     status = "KILLED" if interrupted else "FINISHED" if ended_by == "fit" and failed == 0 else "FAILED"
+    analysis = None
     try:
-        front = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives, log=log)
+        front, analysis = log_sweep_summary(uri, outcome.parent_run_id, spec.search.objectives, log=log)
         log(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in spec.search.objectives.items())}: {len(front)} trial(s)")
     except Exception as err:  # the trials' results are in MLflow whatever happens here
         log(f"could not log the sweep's summary to MLflow: {err}")
     MlflowClient(uri).set_terminated(outcome.parent_run_id, status)
-    return failed, interrupted
+    return failed, interrupted, analysis

@@ -3,7 +3,8 @@ objective as a metric (``best/<objective>``), a markdown results table as the ru
 (best first, each score with its 95% interval, the probes linked to their runs, the Pareto front
 and the paired effects), and as artifacts ``summary.csv``, ``pareto.json``, ``pareto.png``,
 ``parallel.png`` and ``importance.png`` (:mod:`sweeps.study_figures`), ``effects.csv``,
-``effects.png``, and the probes side by side: ``compare/aggatt-*.png`` and ``compare/examples-*.png``."""
+``effects.png``, ``agreement.csv`` and ``agreement-<metric>.png``, and the probes side by side:
+``compare/aggatt-*.png`` and ``compare/examples-*.png``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Callable, Sequence
 
 from mlflow import MlflowClient
 
-from sweeps.effects import Effect, effects_csv, forest_figure
-from sweeps.report import cell, front_rows, metric_columns, pareto_figure, sort_rows, summary_csv, sweep_effects, trial_rows, value_of
+from sweeps.effects import Effect
+from sweeps.report import (
+    SweepAnalysis, analysis_files, cell, front_rows, metric_columns, pareto_figure, sort_rows, summary_csv, sweep_analysis, trial_rows,
+    value_of,
+)  # fmt: skip
 from sweeps.study_figures import importance_figure, parallel_figure
 from sweeps.tracking import quiet_downloads, run_url
 
@@ -73,7 +77,7 @@ def results_markdown(
             [[e.label, e.backbone, e.score, f"{e.mean:+.3f}{' *' if e.significant else ''}", f"[{e.low:+.3f}, {e.high:+.3f}]",
               f"{e.p_holm:.3g}"] for e in effects],
         )  # fmt: skip
-    tail += ["", "Figures: `pareto.png`, `parallel.png`, `importance.png`, `effects.png`, the probes' AggAtt and examples side by side under `compare/`; every trial and interval: `summary.csv` (this run's artifacts)."]
+    tail += ["", "Figures: `pareto.png`, `parallel.png`, `importance.png`, `effects.png`, `agreement-<metric>.png`, the probes' AggAtt and examples side by side under `compare/`; every trial and interval: `summary.csv` (this run's artifacts)."]
     for shown in range(len(rows), -1, -1):  # as many rows as fit, best first
         note = table(rows[:shown]) + (["", f"*{len(rows) - shown} more in `summary.csv`*"] if shown < len(rows) else [])
         text = "\n".join(head + note + tail)
@@ -123,10 +127,10 @@ def log_comparisons(client: MlflowClient, parent_run_id: str, rows: Sequence[dic
 
 def log_sweep_summary(
     uri: str, parent_run_id: str, objectives: dict[str, str], title: str = "", log: Callable[[str], None] = print
-) -> list[dict[str, object]]:
+) -> tuple[list[dict[str, object]], SweepAnalysis]:
     """Log the sweep's answer to its parent run (see the module docstring); a part that cannot be
     made (stored rows or bins a store cannot serve) is left out, with a line to ``log``. Returns
-    the front."""
+    the front and the analysis of the stored scores (for the printed report: read once)."""
     import matplotlib.pyplot as plt
 
     client = MlflowClient(uri)
@@ -151,19 +155,20 @@ def log_sweep_summary(
             client.log_figure(parent_run_id, figure, name)
             plt.close(figure)
     try:
-        effects = sweep_effects(uri, parent_run_id)[0]
+        analysis = sweep_analysis(uri, parent_run_id)
     except Exception as err:  # noqa: BLE001 (the answer is logged without them)
-        log(f"the sweep's paired effects are left out of its summary: {err}")
-        effects = []
-    if effects:
-        client.log_text(parent_run_id, effects_csv(effects), "effects.csv")
-        figure = forest_figure(effects, "paired effects")
-        client.log_figure(parent_run_id, figure, "effects.png")
-        plt.close(figure)
+        log(f"the sweep's paired effects and agreement are left out of its summary: {err}")
+        analysis = SweepAnalysis()
+    for name, content in analysis_files(analysis).items():
+        if isinstance(content, str):
+            client.log_text(parent_run_id, content, name)
+        else:
+            client.log_figure(parent_run_id, content, name)
+            plt.close(content)
     try:
         log_comparisons(client, parent_run_id, [r for r in started if str(r["status"]).startswith("FINISHED")], parent.data.params)
     except Exception as err:  # noqa: BLE001 (the answer is logged without them)
         log(f"the side-by-side figures are left out of the sweep's summary: {err}")
-    note = results_markdown(rows, objectives, effects, links, title or f"sweep {parent.info.run_name}")
+    note = results_markdown(rows, objectives, analysis.effects, links, title or f"sweep {parent.info.run_name}")
     client.set_tag(parent_run_id, DESCRIPTION_TAG, note)
-    return front
+    return front, analysis

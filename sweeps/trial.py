@@ -25,7 +25,7 @@ from evaluation.attribution import create_method
 from evaluation.attribution.common import model_traits
 from evaluation.epg import evaluate_epg
 from evaluation.gridpg import evaluate_gridpg
-from evaluation.metrics import METRICS, grid_metrics
+from evaluation.metrics import GRID_EVALUATED, METRICS, grid_metrics
 from evaluation.score_rows import ScoreRows
 from sweeps.method_options import PARAM_PREFIX
 from probing.backbones import create_backbone
@@ -181,7 +181,7 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
     for the sweep's side-by-side figures."""
     collected: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     examples: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
-    on_boxes = {m for m in evaluate.metrics if METRICS.get(m).protocol == "boxes"}
+    on_boxes = tuple(m for m in evaluate.metrics if METRICS.get(m).protocol == "boxes")
 
     def keep(key, maps, rows, scores, images, ids):
         # boxes: every (image, class) row; grids: the top-left cell's row of each grid, as many as images
@@ -200,8 +200,8 @@ def evaluate_probe(model: ProbedModel, val, loss, evaluate: EvaluateSpec, tracke
         "on_rows": score_rows.add, "method_options": evaluate.method_options,
     }  # fmt: skip
     if on_boxes:
-        scores |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=evaluate.n_images, on_maps=keep, **options)
-    on_grids = grid_metrics(evaluate.metrics, protocols=("grids", "maps"))
+        scores |= evaluate_epg(model, val.images, val.boxes, loss.probabilities, n_images=evaluate.n_images, metrics=on_boxes, on_maps=keep, **options)
+    on_grids = grid_metrics(evaluate.metrics, protocols=GRID_EVALUATED)
     if on_grids:
         scores |= evaluate_gridpg(
             model, val.images, val.labels, loss.probabilities, grid=evaluate.grid, n_grids=evaluate.n_grids,

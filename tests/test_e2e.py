@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -34,7 +35,7 @@ SPEC = {
     "evaluate": {
         "methods": ["ixg", "gradcam"],
         "layers": ["input", "final"],
-        "metrics": ["gridpg", "difull", "compactness"],
+        "metrics": ["gridpg", "difull", "compactness", "deletion", "insertion"],
         "n_grids": 8,
         "confidence": 0.8,
         # raw maps: DiFull's "a gradient method scores 1" holds before smoothing (the reference's
@@ -43,6 +44,7 @@ SPEC = {
     },
     "tracking": {"experiment": "e2e"},
 }
+SCORED = ("gridpg/", "difull/", "compactness/", "deletion/", "insertion/")
 FINAL_METRICS = {
     "val/accuracy", "grids/count", "gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "difull/ixg/input"
 }
@@ -110,7 +112,7 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
     assert sorted(c.info.run_name for c in children) == ["bce-seed0", "bce-seed1", "ce-seed0", "ce-seed1"]
     assert parents[0].data.params["probe.head.type"] == "linear" and parents[0].data.params["backbone.name"] == "tiny_resnet_sup"
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"summary.csv", "pareto.png", "effects.csv", "effects.png", "compare"} <= parent_artifacts
+    assert {"summary.csv", "pareto.png", "effects.csv", "effects.png", "agreement.csv", "agreement-gridpg.png", "compare"} <= parent_artifacts
     compared = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
     # per metric, method and layer: the probes' AggAtt and their explanations of the same grids
     assert "compare/aggatt-gridpg-ixg-input.png" in compared and "compare/examples-gridpg-ixg-input.png" in compared
@@ -125,12 +127,13 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
         # the 8 candidate grids are shared; each probe scores those it is confident on
         assert metrics["val/accuracy"] > 0.8 and 1 <= metrics["grids/count"] <= metrics["grids/candidates"] == 8
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
-        scores = [k for k in metrics if k.startswith(("gridpg/", "difull/", "compactness/")) and k.count("/") == 2]
+        scores = [k for k in metrics if k.startswith(SCORED) and k.count("/") == 2]
         # the interval is about the score (up to the float sums of the resampled means)
-        assert len(scores) == 9 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
+        assert len(scores) == 15 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
         stored = {a.path for a in client.list_artifacts(child.info.run_id, "scores")}
-        assert stored == {"scores/gridpg.csv.gz", "scores/difull.csv.gz", "scores/compactness.csv.gz"}
+        assert stored == {f"scores/{metric[:-1]}.csv.gz" for metric in SCORED}
         assert 0 < metrics["compactness/ixg/input"] < 1
+        assert all(0 <= metrics[f"{m}/{pair}"] <= 1 for m in ("deletion", "insertion") for pair in ("ixg/input", "gradcam/final"))
         assert metrics["difull/ixg/input"] > 0.999  # no other cell can reach the logit: a gradient method scores 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "aggatt")}
         keys = ("gridpg-ixg-input", "gridpg-ixg-final", "gridpg-gradcam-final", "difull-ixg-input", "difull-ixg-final", "difull-gradcam-final")
@@ -145,7 +148,9 @@ def test_report_reads_the_sweep_back(sweep):
     assert result.returncode == 0, result.stderr
     assert "sweep e2e-sweep (FINISHED)" in result.stdout
     assert sum(line.startswith("│") and "FINISHED" in line for line in result.stdout.splitlines()) == 4
-    assert {p.name for p in (workdir / "reports" / "e2e-sweep").iterdir()} == {"summary.csv", "pareto.png", "effects.csv", "effects.png"}
+    agreement = {f"agreement-{metric[:-1]}.png" for metric in SCORED}  # three (method, layer) columns each
+    assert {p.name for p in (workdir / "reports" / "e2e-sweep").iterdir()} == {"summary.csv", "pareto.png", "effects.csv", "effects.png", "agreement.csv"} | agreement
+    assert "gridpg: agreement" in result.stdout
     missing = subprocess.run([PROBESWEEP, "report", "nope"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
 
@@ -158,7 +163,7 @@ def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(swe
         if row["factor"] == "loss"
     }  # fmt: skip
     assert set(reported) == {
-        f"{metric}/{pair}" for metric in ("gridpg", "difull", "compactness") for pair in ("ixg/input", "ixg/final", "gradcam/final")
+        f"{metric}{pair}" for metric in SCORED for pair in ("ixg/input", "ixg/final", "gradcam/final")
     }
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     tables = {}
@@ -166,20 +171,36 @@ def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(swe
     for run in (r for r in runs if "mlflow.parentRunId" in r.data.tags):
         path = client.download_artifacts(run.info.run_id, "scores/gridpg.csv.gz", str(tmp_path / run.info.run_id))
         with gzip.open(path, "rt") as stream:  # by hand: grid means of the ixg / input rows
-            rows = [r for r in csv.DictReader(stream) if (r["method"], r["layer"]) == ("ixg", "input")]
-        grids = {int(r["grid"]) for r in rows}
-        tables[run.data.params["probe.loss"], run.data.params["probe.seed"]] = {
-            g: sum(float(r["score"]) for r in rows if int(r["grid"]) == g) / sum(int(r["grid"]) == g for r in rows) for g in grids
-        }
+            stored = list(csv.DictReader(stream))
+        for pair in (("ixg", "input"), ("gradcam", "final")):
+            rows = [r for r in stored if (r["method"], r["layer"]) == pair]
+            grids = {int(r["grid"]) for r in rows}
+            tables[run.data.params["probe.loss"], run.data.params["probe.seed"], pair] = {
+                g: sum(float(r["score"]) for r in rows if int(r["grid"]) == g) / sum(int(r["grid"]) == g for r in rows) for g in grids
+            }
     per_grid: dict[int, list[float]] = {}
     for seed in ("0", "1"):
-        ce, bce = tables["ce", seed], tables["bce", seed]
+        ce, bce = tables["ce", seed, ("ixg", "input")], tables["bce", seed, ("ixg", "input")]
         for g in ce.keys() & bce.keys():
             per_grid.setdefault(g, []).append(bce[g] - ce[g])
     by_hand = sum(sum(d) / len(d) for d in per_grid.values()) / len(per_grid)
     effect = reported["gridpg/ixg/input"]
     assert float(effect["mean"]) == pytest.approx(by_hand, abs=1e-5) and int(effect["units"]) == len(per_grid)
     assert float(effect["ci_low"]) <= float(effect["mean"]) <= float(effect["ci_high"]) and effect["pairs"] == "2"
+    # the agreement of IxG at the input and Grad-CAM at the final layer: Spearman per probe, then the mean
+    from scipy.stats import spearmanr
+
+    rhos = []
+    for loss, seed in {(loss, seed) for loss, seed, _ in tables}:
+        ixg, gradcam = tables[loss, seed, ("ixg", "input")], tables[loss, seed, ("gradcam", "final")]
+        shared = sorted(ixg.keys() & gradcam.keys())
+        rhos.append(spearmanr([ixg[g] for g in shared], [gradcam[g] for g in shared]).statistic)
+    agreement = {
+        (row["a"], row["b"]): row for row in csv.DictReader((workdir / "reports" / "e2e-sweep" / "agreement.csv").open())
+        if row["metric"] == "gridpg"
+    }  # fmt: skip
+    row = agreement["ixg/input", "gradcam/final"]
+    assert float(row["spearman"]) == pytest.approx(np.nanmean(rhos), abs=1e-5) and int(row["probes"]) == sum(not np.isnan(r) for r in rhos)
 
 
 def _free_port() -> int:

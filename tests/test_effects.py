@@ -14,7 +14,7 @@ from evaluation.intervals import hierarchical_interval, holm, percentile_interva
 from evaluation.score_rows import ScoreRows, read_rows, unit_scores
 from sweeps.effects import TrialScores, forest_figure, paired_effects, replicate_scores
 from sweeps.run_params import factors_of
-from sweeps.report import cell, grids_label, render_effects, summary_csv, sweep_effects, sweep_runs
+from sweeps.report import cell, grids_label, render_effects, summary_csv, sweep_analysis, sweep_runs
 from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
 
 
@@ -140,9 +140,10 @@ def test_report_effects_equal_a_hand_computation_from_the_stored_rows(tmp_path, 
     parent = start_sweep_run(uri, experiment_id, "effects-1", "name: effects\n", n_trials=2, shared=shared)
     _store_trial(uri, experiment_id, parent, "t0", {"probe.loss": "ce"}, [0, 1, 2, 3, 5], [0.2, 0.3, 0.4, 0.5, 0.6], tmp_path)
     _store_trial(uri, experiment_id, parent, "t1", {"probe.loss": "bce"}, [1, 2, 3, 4, 5], [0.5, 0.5, 0.6, 0.9, 0.9], tmp_path)
-    (effect,), replicates = sweep_effects(uri, parent)
+    analysis = sweep_analysis(uri, parent)
+    (effect,) = analysis.effects
     assert "Downloading" not in capfd.readouterr().err  # no progress bar per file
-    assert replicates == []
+    assert analysis.replicates == [] and analysis.agreement == []  # one method and layer: nothing to agree with
     # by hand from the stored tables: grid means on the grids both probes scored (1, 2, 3, 5)
     downloaded = {}
     client = MlflowClient(uri)

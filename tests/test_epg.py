@@ -89,3 +89,29 @@ def test_every_epg_row_is_kept_with_its_image_class_and_the_probes_confidence():
     other = {}  # another probe (another probability function) scores the same rows
     evaluate_epg(model, images, boxes, lambda z: z.softmax(dim=1), ["ixg"], ["input"], seed=1, on_rows=lambda key, c: other.setdefault(key, c))
     assert torch.equal(other[("epg", "ixg", "input")]["image"], columns["image"]) and torch.equal(other[("epg", "ixg", "input")]["class"], columns["class"])
+
+
+def test_the_pointing_game_scores_the_same_rows_and_maps_as_epg():
+    from evaluation.localization import pointing_game
+
+    images = torch.rand(2, 3, 40, 40) + 0.1
+    boxes = (
+        torch.tensor([[0, 0.0, 0.0, 4.0, 4.0, 0], [3, 30.0, 30.0, 40.0, 40.0, 0]]),  # a small box of class 0
+        torch.tensor([[1, 20.0, 0.0, 40.0, 20.0, 0]]),  # quadrant 1 whole: a hit
+    )
+    kept, shown = {}, []
+    metrics = evaluate_epg(
+        QuadrantModel(), images, boxes, torch.sigmoid, ["ixg"], ["input"], metrics=("pointing_game", "epg"),
+        on_rows=lambda key, columns: kept.setdefault(key, columns), on_maps=lambda key, maps, *rest: shown.append((key, maps)),
+    )  # fmt: skip
+    assert {key for key, _ in shown} == {("pointing_game", "ixg", "input")}  # one figure per map, not per metric
+    maps = torch.cat([m for _, m in shown])
+    columns = kept[("pointing_game", "ixg", "input")]
+    masks = torch.stack([box_mask(boxes[i], c, 40, 40) for i, c in zip(columns["image"].tolist(), columns["class"].tolist())])
+    torch.testing.assert_close(columns["score"], pointing_game(maps, masks))
+    assert torch.equal(columns["image"], kept[("epg", "ixg", "input")]["image"])
+    assert metrics["pointing_game/ixg/input"] == pytest.approx(columns["score"].mean().item())
+    hits = dict(zip(zip(columns["image"].tolist(), columns["class"].tolist()), columns["score"].tolist()))
+    assert hits[(1, 1)] == 1.0  # the peak lies in quadrant 1, the box
+    with pytest.raises(ValueError, match="not scored on boxes"):
+        evaluate_epg(QuadrantModel(), images, boxes, torch.sigmoid, ["ixg"], ["input"], metrics=("gridpg",))

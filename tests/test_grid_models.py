@@ -112,7 +112,7 @@ def test_evaluation_on_all_three_settings(trained_probe):
 
 def test_unknown_setting_is_named(trained_probe):
     model, val = trained_probe
-    with pytest.raises(ValueError, match="unknown metric 'difill': known are compactness, complexity, difull, dipart, epg, gridpg; did you mean 'difull'"):
+    with pytest.raises(ValueError, match="unknown metric 'difill': known are compactness, complexity, deletion, difull, dipart, epg, gridpg, insertion, pointing_game; did you mean 'difull'"):
         evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], metrics=("difill",))
     with pytest.raises(ValueError, match="unknown localisation setting 'epg': known are difull, dipart, gridpg"):
         evaluate_gridpg(model, val.images, val.labels, torch.sigmoid, ["ixg"], ["input"], metrics=("epg",))  # not a grid metric
@@ -286,3 +286,29 @@ def test_map_metrics_score_the_gridpg_maps_with_or_without_gridpg(trained_probe)
     assert len(maps) == len(headline) and torch.equal(rows[("gridpg", "ixg", "input")]["grid"], rows[("compactness", "ixg", "input")]["grid"])
     assert both["compactness/ixg/input"] == pytest.approx(compactness(maps)[headline].mean().item())
     assert both["complexity/ixg/input"] == pytest.approx(complexity(maps)[headline].mean().item())
+
+
+def test_deletion_and_insertion_score_the_gridpg_maps_on_their_grid_images(trained_probe):
+    from evaluation.deletion import deletion, insertion
+
+    model, val = trained_probe
+    softmax = lambda z: z.softmax(dim=1)  # noqa: E731
+    maps, grid_images, rows = [], [], {}
+
+    def keep(key, m, cells, scores, images, grid_ids):
+        maps.append(m)
+        grid_images.append(images)
+
+    scores = evaluate_gridpg(
+        model, val.images, val.labels, softmax, methods=["ixg"], layers=["input"], n_grids=4, confidence=0.6,
+        metrics=("gridpg", "deletion", "insertion"), on_maps=keep, on_rows=lambda key, columns: rows.setdefault(key, columns),
+    )  # fmt: skip
+    maps = torch.cat(maps)
+    inputs = model.preprocess(torch.cat(grid_images)).repeat_interleave(4, dim=0)  # a row per cell of each grid
+    targets = rows[("gridpg", "ixg", "input")]["class"]
+    for name, score in (("deletion", deletion), ("insertion", insertion)):
+        columns = rows[(name, "ixg", "input")]
+        expected = score(model, inputs, targets, maps, softmax)
+        torch.testing.assert_close(columns["score"], expected, atol=1e-5, rtol=1e-4)
+        assert scores[f"{name}/ixg/input"] == pytest.approx(expected[columns["headline"]].mean().item(), abs=1e-5)
+        assert torch.equal(columns["grid"], rows[("gridpg", "ixg", "input")]["grid"])

@@ -100,7 +100,7 @@ SPEC_CASES = [
     ('evaluate.methods', ['ixg', 'ixg'], "evaluate.methods: values repeat: ['ixg', 'ixg']"),
     ('evaluate.methods', ['shap'], "evaluate.methods[0]: unknown attribution method 'shap': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam"),
     ('evaluate.layers', ['top'], "evaluate.layers[0]: unknown layer 'top': known are input, middle, final"),
-    ('evaluate.metrics', ['auc'], "evaluate.metrics[0]: unknown metric 'auc': known are compactness, complexity, difull, dipart, epg, gridpg"),
+    ('evaluate.metrics', ['auc'], "evaluate.metrics[0]: unknown metric 'auc': known are compactness, complexity, deletion, difull, dipart, epg, gridpg, insertion, pointing_game"),
     ('evaluate.metrics', ['epg'], "evaluate.metrics: 'epg' needs a data set with boxes (voc2007, coco2014), not 'digits'"),
     ('evaluate.seed', 1.5, 'evaluate.seed: must be an integer, got 1.5'),
     ('evaluate.smoothing', {'ixg': {'kind': 'gaussian', 'sigma': -1}}, 'evaluate.smoothing.ixg.sigma: must be > 0, got -1'),

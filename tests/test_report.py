@@ -173,7 +173,7 @@ def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_pat
         client.set_terminated(run.run_id, status)
         runs[trial_id] = run.run_id
     capfd.readouterr()
-    front = log_sweep_summary(uri, parent, objectives)
+    front, _ = log_sweep_summary(uri, parent, objectives)
     assert "Downloading" not in capfd.readouterr().err  # no progress bar per stored file
     # the finished probes' AggAtt side by side
     assert [a.path for a in client.list_artifacts(parent, "compare")] == ["compare/aggatt-gridpg-ixg-input.png"]

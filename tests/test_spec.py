@@ -109,7 +109,7 @@ BAD_SPECS = [
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
-    ("evaluate.metrics", ["pg"], "evaluate.metrics[0]: unknown metric 'pg': known are compactness, complexity, difull, dipart, epg, gridpg; did you mean 'epg'?"),
+    ("evaluate.metrics", ["pg"], "evaluate.metrics[0]: unknown metric 'pg': known are compactness, complexity, deletion, difull, dipart, epg, gridpg, insertion, pointing_game; did you mean 'epg'?"),
     (
         "evaluate.metrics",
         ["epg"],

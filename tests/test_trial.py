@@ -122,7 +122,7 @@ def test_probesweep_list_prints_every_registry_with_its_descriptions(capsys):
         assert [line.split(None, 1)[0] for line in entries] == names
         for name, line in zip(names, entries):
             assert line.split(None, 1)[1] == registry.description(name) != "", name
-    assert list_metrics() == ["compactness", "complexity", "difull", "dipart", "epg", "gridpg"] and "tiny_resnet_sup" in list_backbones()
+    assert list_metrics() == ["compactness", "complexity", "deletion", "difull", "dipart", "epg", "gridpg", "insertion", "pointing_game"] and "tiny_resnet_sup" in list_backbones()
 
 
 def test_an_optuna_trial_is_a_trial_config_with_values_drawn_from_the_ranges():

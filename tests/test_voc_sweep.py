@@ -53,7 +53,7 @@ def test_voc_sweep_scores_epg_against_the_boxes(tmp_path):
         # left the probe at 0.6 val accuracy, and its maps diffuse (measured: EPG 0.26 vs 0.36 at 10)
         "train": {"epochs": 10, "lr": 0.05},
         # raw maps (smoothing none): the reference's 129 px Gaussian would spread them over these 32 px images
-        "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "metrics": ["epg"], "n_images": 8,
+        "evaluate": {"methods": ["ixg", "gradcam"], "layers": ["input", "final"], "metrics": ["epg", "pointing_game"], "n_images": 8,
                      "smoothing": "none"},
         "tracking": {"experiment": "voc"},
     }
@@ -67,6 +67,8 @@ def test_voc_sweep_scores_epg_against_the_boxes(tmp_path):
     assert child.info.status == "FINISHED" and metrics["epg/rows"] == 8.0 and metrics["val/accuracy"] > 0.9
     for key in ("epg/ixg/input", "epg/ixg/final", "epg/gradcam/final"):
         assert 0.0 <= metrics[key] <= 1.0
+        hits = metrics[key.replace("epg/", "pointing_game/")] * 8  # a hit rate over the 8 rows
+        assert hits == pytest.approx(round(hits)) and metrics[key.replace("epg/", "pointing_game/") + "/ci_low"] <= hits / 8
     # a box covers about 22% of the image: attribution concentrated on the objects beats that
     assert metrics["epg/ixg/input"] > 0.3
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "examples")}
