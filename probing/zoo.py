@@ -1,4 +1,5 @@
-"""Backbones with published weights: torchvision ResNet-18/50, VGG-11/16, ViT-B/16, and B-cos ResNet-50.
+"""Backbones with published weights: torchvision ResNet-18/50, VGG-11/16, ViT-B/16, B-cos ResNet-50,
+CLIP's ResNet-50 (without its attention pool) and DINO's ViT-S/16 and ViT-B/16.
 
 Nothing is downloaded. Weights come from ``weights: PATH`` or, for torchvision's own files, from
 the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file name of torchvision's URL>``): torchvision's
@@ -14,17 +15,28 @@ default for ResNet-50 is ``IMAGENET1K_V2``). The file a backbone was loaded from
 - ``byol``: BYOL ports to PyTorch that wrap the ResNet as ``online_backbone.``, ``backbone.`` or
   ``encoder.`` (optionally under ``module.`` and a ``state_dict`` entry).
 - ``bcos``: the ``bcos`` package's ResNet-50 state dict.
+- ``clip``: OpenAI's CLIP checkpoint (``RN50.pt``, a TorchScript archive, or its state dict): the
+  ``visual.`` weights, less the attention pool (:mod:`probing.clip_resnet`).
+- ``dino_vit``: DINO's ViT checkpoints (``dino_deitsmall16_pretrain.pth``,
+  ``dino_vitbase16_pretrain.pth``, or a full training checkpoint's ``teacher``), whose keys
+  (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.<i>.attn.qkv``, ``mlp.fc1``,
+  ``norm``) are renamed to torchvision's ``VisionTransformer``; the DINO projection ``head.`` is dropped.
 
 Loading is strict: every weight of the backbone must be in the file and nothing but the
 classifier may be left over; a mismatch lists the missing and unexpected keys. Files load with
 ``weights_only=True``; the one class besides tensors allowed in them is ``argparse.Namespace``,
-which DINO's full training checkpoints carry as ``args``.
+which DINO's full training checkpoints carry as ``args``. OpenAI's TorchScript archive is read with
+``torch.jit.load`` (it holds code as well as tensors: load only the file OpenAI published).
+
+ViTs are split for ML-Att after their middle block (6 of 12) and after the last, each as a map of
+the patch tokens (see :class:`TokensToMap`); the probe pools the patch tokens of the last.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import warnings
 
 from pathlib import Path
 
@@ -32,12 +44,13 @@ import torch
 from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
+from probing.clip_resnet import CLIP_MEAN, CLIP_STD, ClipResNet, clip_state_dict
 from probing.registry import unknown_name
 
 __all__ = ["CHECKPOINT_FORMATS", "WEIGHTS_TAG", "load_checkpoint", "remap_checkpoint", "staged_backbone"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CHECKPOINT_FORMATS = ("torchvision", "dino", "mocov2", "byol", "bcos")
+CHECKPOINT_FORMATS = ("torchvision", "dino", "mocov2", "byol", "bcos", "clip", "dino_vit")
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "heads.")  # never part of a backbone
 BYOL_PREFIXES = ("online_backbone.", "backbone.", "encoder.", "online_network.encoder.", "net.")
 WEIGHTS_TAG = re.compile(r"[A-Z][A-Z0-9_]*")  # a member of torchvision's weights enum, e.g. IMAGENET1K_V1
@@ -58,6 +71,8 @@ def remap_checkpoint(obj: dict, checkpoint_format: str) -> dict:
     """A loaded checkpoint in ``checkpoint_format`` -> a torchvision-style state dict."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(unknown_name("checkpoint_format", checkpoint_format, CHECKPOINT_FORMATS))
+    if checkpoint_format == "clip":
+        return clip_state_dict(obj)
     if checkpoint_format == "mocov2":
         state = _strip(_unwrap(obj, "state_dict"), "module.encoder_q.")
         if not state:
@@ -70,7 +85,37 @@ def remap_checkpoint(obj: dict, checkpoint_format: str) -> dict:
     if checkpoint_format == "byol":
         prefix = next((p for p in BYOL_PREFIXES if any(k.startswith(p) for k in state)), "")
         state = _strip(state, prefix)
+    if checkpoint_format == "dino_vit":
+        state = _dino_vit_names(_strip(_unwrap(obj, "teacher", "state_dict", "model"), "module.") or _unwrap(obj, "teacher", "state_dict", "model"))
     return state
+
+
+DINO_VIT_NAMES = (  # DINO's ViT key -> torchvision's VisionTransformer key (block-level parts after "blocks.<i>.")
+    ("norm1.", "ln_1."), ("attn.qkv.weight", "self_attention.in_proj_weight"), ("attn.qkv.bias", "self_attention.in_proj_bias"),
+    ("attn.proj.", "self_attention.out_proj."), ("norm2.", "ln_2."), ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.3."),
+)
+DINO_VIT_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "patch_embed.proj.weight": "conv_proj.weight",
+                "patch_embed.proj.bias": "conv_proj.bias", "norm.weight": "encoder.ln.weight", "norm.bias": "encoder.ln.bias"}  # fmt: skip
+
+
+def _dino_vit_names(state: dict) -> dict:
+    """DINO's ViT state dict (``backbone.`` prefix allowed, ``head.`` dropped) in torchvision's names;
+    a key of neither layout is kept as it is, for the strict check to name it."""
+    state = _strip(state, "backbone.") or state
+    out = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            continue
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if match:
+            part = match.group(2)
+            for old, new in DINO_VIT_NAMES:
+                if part.startswith(old):
+                    part = new + part[len(old) :]
+                    break
+            key = f"encoder.layers.encoder_layer_{match.group(1)}.{part}"
+        out[DINO_VIT_TOP.get(key, key)] = value
+    return out
 
 
 def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> None:
@@ -80,8 +125,13 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
     if path.stat().st_size == 0:  # torch.load aborts the process on an empty file
         raise ValueError(f"cannot load checkpoint {path}: the file is empty")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints hold their args
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint_format == "clip" and _is_torchscript(path):  # OpenAI's RN50.pt
+            with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's file is one
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints hold their args
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {path}: {err}") from err
     state = {k: v for k, v in remap_checkpoint(obj, checkpoint_format).items() if not k.startswith(CLASSIFIER_PREFIXES)}
@@ -101,6 +151,16 @@ def load_checkpoint(model: nn.Module, path: Path, checkpoint_format: str) -> Non
     except RuntimeError as err:  # the keys fit, their shapes do not: another architecture's file
         first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise ValueError(f"checkpoint {path} ({checkpoint_format} format) does not fit the backbone: {first}") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip file with the model's code beside its tensors."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for name in archive.namelist())
 
 
 def _weights_file(name: str, weights: str | None, weights_enum: str | None) -> Path:
@@ -195,6 +255,9 @@ def staged_backbone(arch: str, model: nn.Module) -> StagedBackbone:
         )
         config = BackboneConfig(IMAGENET_MEAN, IMAGENET_STD, {"input": 0, "middle": half + 2, "final": len(stages)})
         return StagedBackbone(stages, config, out_channels=model.hidden_dim)
+    if arch.startswith("clip"):
+        config = BackboneConfig(CLIP_MEAN, CLIP_STD, {"input": 0, "middle": 3, "final": 5})
+        return StagedBackbone(nn.Sequential(model.stem(), model.layer1, model.layer2, model.layer3, model.layer4), config, model.num_features)
     if arch.startswith("bcos"):
         stem = nn.Sequential(model.conv1, model.bn1, *([model.pool] if model.pool is not None else []))
         config = BackboneConfig((0.0,) * 6, (1.0,) * 6, {"input": 0, "middle": 3, "final": 5}, bcos_input=True)
@@ -235,6 +298,15 @@ def _torchvision_model(arch: str):
     return make
 
 
+def _dino_vit(heads: int, dim: int):
+    def make() -> nn.Module:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=heads, hidden_dim=dim, mlp_dim=4 * dim)
+
+    return make
+
+
 def _bcos_resnet50() -> nn.Module:
     from bcos.models.pretrained import resnet50
 
@@ -252,3 +324,6 @@ for _name, _weights in (
 for _scheme in ("dino", "mocov2", "byol"):
     _register(f"resnet50_{_scheme}", "resnet50", _torchvision_model("resnet50"), None, _scheme, f"ResNet-50, self-supervised {_scheme} checkpoint")
 _register("bcos_resnet50", "bcos_resnet50", _bcos_resnet50, None, "bcos", "B-cos ResNet-50 (bcos package checkpoint)")
+_register("clip_resnet50", "clip_resnet50", ClipResNet, None, "clip", "CLIP ResNet-50 image trunk, attention pool removed (OpenAI's RN50.pt)")
+for _name, _heads, _dim in (("vit_s_16_dino", 6, 384), ("vit_b_16_dino", 12, 768)):
+    _register(_name, "vit", _dino_vit(_heads, _dim), None, "dino_vit", f"ViT-{_name[4].upper()}/16, self-supervised DINO checkpoint")

@@ -98,7 +98,7 @@ SPEC_CASES = [
     ('evaluate.confidence', NAN, 'evaluate.confidence: must be a finite number, got nan'),
     ('evaluate.methods', [], 'evaluate.methods: must not be empty'),
     ('evaluate.methods', ['ixg', 'ixg'], "evaluate.methods: values repeat: ['ixg', 'ixg']"),
-    ('evaluate.methods', ['shap'], "evaluate.methods[0]: unknown attribution method 'shap': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam"),
+    ('evaluate.methods', ['shap'], "evaluate.methods[0]: unknown attribution method 'shap': known are ablationcam, attention_grad, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam"),
     ('evaluate.layers', ['top'], "evaluate.layers[0]: unknown layer 'top': known are input, middle, final"),
     ('evaluate.metrics', ['auc'], "evaluate.metrics[0]: unknown metric 'auc': known are compactness, complexity, deletion, difull, dipart, epg, gridpg, insertion, pointing_game"),
     ('evaluate.metrics', ['epg'], "evaluate.metrics: 'epg' needs a data set with boxes (voc2007, coco2014), not 'digits'"),
@@ -132,7 +132,7 @@ SPEC_CASES = [
     ('name', '.hidden', "name: '.hidden' is not a sweep name: use up to 64 letters, digits, '_', '.', '-', starting with a letter or digit"),
     ('backbones', [], 'backbones: must not be empty'),
     ('backbones', [{'weights': '/x.pth'}], 'backbones[0].name: required'),
-    ('backbones', [{'name': 'resnet50', 'checkpoint_format': 'onnx'}], "backbones[0].checkpoint_format: must be one of 'torchvision', 'dino', 'mocov2', 'byol' or 'bcos', got 'onnx'"),
+    ('backbones', [{'name': 'resnet50', 'checkpoint_format': 'onnx'}], "backbones[0].checkpoint_format: must be one of 'torchvision', 'dino', 'mocov2', 'byol', 'bcos', 'clip' or 'dino_vit', got 'onnx'"),
     ('backbones', [{'name': 'resnet50', 'weights': 5}], 'backbones[0].weights: must be text, got 5'),
     ('backbones', [42], 'backbones[0]: must be a mapping of keys, got 42'),
     ('backbones', ['tiny_resnet_sup', 'tiny_resnet_sup'], "backbones: values repeat: [{'name': 'tiny_resnet_sup'}, {'name': 'tiny_resnet_sup'}]"),
@@ -165,7 +165,7 @@ SPEC_CASES = [
     ('storage', ['a'], "storage: must be text, got ['a']"),
     ('recipes', {'heads': ['mlp']}, "recipes: must be a list, got {'heads': ['mlp']}"),
     ('recipes', [{'train': {'lr': INF}}], 'recipes[0].train.lr: must be a finite number, got inf'),
-    ('recipes', [{'backbones': ['resnet5'], 'train': {}}], "recipes[0].backbones[0]: unknown backbone 'resnet5': known are bcos_resnet50, resnet18, resnet50, resnet50_byol, resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16; did you mean 'resnet50'?"),
+    ('recipes', [{'backbones': ['resnet5'], 'train': {}}], "recipes[0].backbones[0]: unknown backbone 'resnet5': known are bcos_resnet50, clip_resnet50, resnet18, resnet50, resnet50_byol, resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16, vit_b_16_dino, vit_s_16_dino; did you mean 'resnet50'?"),
     ('recipes', [{'heads': ['mlp']}], 'recipes[0].train: required'),
 ]
 

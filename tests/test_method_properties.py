@@ -1,5 +1,5 @@
 """Properties every attribution method has, generated from the registry (a new method gets them
-for free): on a standard and a B-cos backbone, each with a linear and a B-cos head,
+for free): on a standard, a B-cos and a (2-block) ViT backbone, each with a linear and a B-cos head,
 
 - its map does not depend on what ran before it on the same model (float64, 1e-6 relative);
 - it leaves the model as it found it (state dict, structure, hooks, flags), also when it raises;
@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from evaluation.attribution import create_method, list_methods
@@ -18,10 +19,16 @@ from evaluation.attribution.common import model_traits
 from probing.embedded_backbones import tiny_bcos_resnet, tiny_resnet
 from probing.heads import create_head
 from probing.model import ProbedModel
+from probing.zoo import staged_backbone
 
 # cheap settings for the expensive methods (their defaults are tested against references elsewhere)
 CHEAP = {"intgrad": {"n_steps": 4}, "lime": {"num_samples": 16, "batch_size": 16}, "scorecam": {"internal_batch_size": 64}, "rise": {"n_masks": 64}}
-BACKBONES = {"cnn": tiny_resnet, "bcos": tiny_bcos_resnet}
+def _small_vit():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    return staged_backbone("vit_small", vit)
+
+
+BACKBONES = {"cnn": tiny_resnet, "bcos": tiny_bcos_resnet, "vit": _small_vit}
 HEADS = {"linear": {}, "bcos": {"depth": 2, "width": 8}}
 MODELS = [f"{b}+{h}" for b in BACKBONES for h in HEADS]
 PAIRS = [(m, layer) for m in list_methods() for layer in create_method(m).layers]
@@ -82,13 +89,14 @@ def test_maps_do_not_depend_on_what_ran_before_and_the_model_is_left_as_found(na
         torch.testing.assert_close(maps, fresh[pair], rtol=1e-6, atol=1e-9 * scale, msg=f"{pair} on {name}")
         _assert_unchanged(model, before)
     for pair in (p for p in PAIRS if p not in applicable):
-        with pytest.raises(ValueError, match=f"method '{pair[0]}' does not apply to models with B-cos layers"):
+        with pytest.raises(ValueError, match=f"method '{pair[0]}' (does not apply to models with|applies only to models with a vision transformer)"):
             _run(model, pair, inputs)
         _assert_unchanged(model, before)
 
 
 def _traits(name: str) -> set[str]:
-    return {"bcos"} if "bcos" in name else set()  # a B-cos backbone or head (checked by the test above)
+    # a B-cos backbone or head; a ViT backbone (checked by the test above)
+    return ({"bcos"} if "bcos" in name else set()) | ({"vit"} if name.startswith("vit") else set())
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,9 @@ BAD_SPECS = [
     (
         "backbones",
         ["resnet5"],
-        "backbones[0].name: unknown backbone 'resnet5': known are bcos_resnet50, resnet18, resnet50, resnet50_byol, "
-        "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16; "
+        "backbones[0].name: unknown backbone 'resnet5': known are bcos_resnet50, clip_resnet50, resnet18, resnet50, resnet50_byol, "
+        "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16, "
+        "vit_b_16_dino, vit_s_16_dino; "
         "did you mean 'resnet50'?",
     ),
     ("backbones", [{"name": "resnet50", "weights": "/no/such.pth"}], "backbones[0]: weights file not found: /no/such.pth (a path, or a torchvision weights tag such as IMAGENET1K_V1)"),
@@ -65,7 +66,7 @@ BAD_SPECS = [
     (
         "backbones",
         [{"name": "resnet50", "checkpoint_format": "simclr"}],
-        "backbones[0].checkpoint_format: must be one of 'torchvision', 'dino', 'mocov2', 'byol' or 'bcos', got 'simclr'",
+        "backbones[0].checkpoint_format: must be one of 'torchvision', 'dino', 'mocov2', 'byol', 'bcos', 'clip' or 'dino_vit', got 'simclr'",
     ),
     (
         "data.dataset",
@@ -104,8 +105,8 @@ BAD_SPECS = [
     (
         "evaluate.methods",
         ["ixg", "shap"],
-        "evaluate.methods[1]: unknown attribution method 'shap': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, "
-        "intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam",
+        "evaluate.methods[1]: unknown attribution method 'shap': known are ablationcam, attention_grad, bcos, gbp, grad, gradcam, "
+        "gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam",
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
@@ -119,7 +120,7 @@ BAD_SPECS = [
     (
         "evaluate.smoothing",
         {"igx": {"kind": "avgpool"}},
-        "evaluate.smoothing: unknown attribution method 'igx': known are ablationcam, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, scorecam; did you mean 'ixg'?",
+        "evaluate.smoothing: unknown attribution method 'igx': known are ablationcam, attention_grad, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam; did you mean 'ixg'?",
     ),
     ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
     ("search.algorithm", "bayes", "search.algorithm: must be one of 'grid', 'random' or 'optuna', got 'bayes'"),

@@ -145,7 +145,7 @@ def test_bcos_resnet50_checkpoint_loads_with_its_6_channel_input(tmp_path):
 
 
 def test_remap_names_unknown_formats():
-    with pytest.raises(ValueError, match="unknown checkpoint_format 'swav': known are torchvision, dino, mocov2, byol, bcos"):
+    with pytest.raises(ValueError, match="unknown checkpoint_format 'swav': known are torchvision, dino, mocov2, byol, bcos, clip, dino_vit"):
         remap_checkpoint({}, "swav")
 
 
@@ -178,3 +178,137 @@ def test_a_torchvision_weights_tag_reads_that_file_from_the_hub_cache_and_names_
         create_backbone("resnet50", weights=other)
     with pytest.raises(ValueError, match="unknown weights 'IMAGENET9K' for backbone 'resnet50': use a file path or one of IMAGENET1K_V1, IMAGENET1K_V2"):
         create_backbone("resnet50", weights="IMAGENET9K")
+
+
+def _clip_state(seed: int = 1) -> dict:
+    """Random weights in OpenAI's CLIP RN50 layout: ``visual.`` trunk and attention pool, text model."""
+    from probing.clip_resnet import ClipResNet
+
+    trunk = _perturbed(ClipResNet())
+    generator = torch.Generator().manual_seed(seed)
+    state = {f"visual.{k}": (v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() and "running" not in k else v)
+             for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}  # fmt: skip
+    state |= {"visual.attnpool.positional_embedding": torch.zeros(50, 2048), "visual.attnpool.k_proj.weight": torch.zeros(2048, 2048)}
+    state |= {"token_embedding.weight": torch.zeros(49408, 8), "ln_final.weight": torch.ones(512), "logit_scale": torch.tensor(4.6)}
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}  # OpenAI's file is float16
+
+
+def _clip_reference(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's ModifiedResNet forward up to layer4, written from OpenAI's code on the raw named weights."""
+    import torch.nn.functional as F
+
+    def conv(x, key, **kw):
+        return F.conv2d(x, state[key].float(), **kw)
+
+    def bn(x, key):
+        return F.batch_norm(x, *(state[f"{key}.{n}"].float() for n in ("running_mean", "running_var", "weight", "bias")), eps=1e-5)
+
+    for i, stride in ((1, 2), (2, 1), (3, 1)):  # the stem: three 3x3 convolutions, then a 2x2 average pool
+        x = F.relu(bn(conv(x, f"visual.conv{i}.weight", stride=stride, padding=1), f"visual.bn{i}"))
+    x = F.avg_pool2d(x, 2)
+    for layer, blocks in enumerate((3, 4, 6, 3), start=1):
+        for b in range(blocks):
+            p, stride = f"visual.layer{layer}.{b}.", 2 if layer > 1 and b == 0 else 1
+            out = F.relu(bn(conv(x, p + "conv1.weight"), p + "bn1"))
+            out = F.relu(bn(conv(out, p + "conv2.weight", padding=1), p + "bn2"))
+            out = bn(conv(F.avg_pool2d(out, stride), p + "conv3.weight"), p + "bn3")
+            if p + "downsample.0.weight" in state:  # an average pool, then a stride-1 1x1 convolution
+                x = bn(conv(F.avg_pool2d(x, stride), p + "downsample.0.weight"), p + "downsample.1")
+            x = F.relu(out + x)
+    return x
+
+
+def test_clip_resnet50_loads_openais_layout_without_its_attention_pool(tmp_path):
+    state = _clip_state()
+    torch.save(state, tmp_path / "RN50-state.pt")
+    backbone = create_backbone("clip_resnet50", weights=str(tmp_path / "RN50-state.pt"))
+    images = torch.rand(2, 3, 64, 64)
+    x = backbone.preprocess(images)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    torch.testing.assert_close(x, (images - mean) / std)  # CLIP's own normalisation
+    torch.testing.assert_close(backbone(x), _clip_reference(state, x), rtol=1e-4, atol=1e-4)
+    assert backbone.forward_to(x, "middle").shape == (2, 512, 8, 8)  # after layer2, stride 8
+    assert backbone(x).shape == (2, 2048, 2, 2)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates tracing and saving TorchScript: OpenAI's format
+def test_clip_resnet50_reads_openais_torchscript_archive(tmp_path):
+    from probing.clip_resnet import ClipResNet
+
+    class Clip(torch.nn.Module):  # what OpenAI's RN50.pt holds, as far as its state dict goes
+        def __init__(self):
+            super().__init__()
+            self.visual = _perturbed(ClipResNet())
+            self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+
+        def forward(self, x):
+            return self.visual(x) * self.logit_scale
+
+    model = Clip().eval()
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 64, 64)), str(tmp_path / "RN50.pt"))
+    backbone = create_backbone("clip_resnet50", weights=str(tmp_path / "RN50.pt"))
+    x = backbone.preprocess(torch.rand(1, 3, 64, 64))
+    torch.testing.assert_close(backbone(x), model.visual(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no 'visual.' weights"):
+        remap_checkpoint({"conv1.weight": torch.zeros(1)}, "clip")
+
+
+class _DinoBlock(torch.nn.Module):
+    """DINO's vision_transformer.Block, by its names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6), torch.nn.LayerNorm(dim, eps=1e-6)
+        self.attn = torch.nn.Module()
+        self.attn.qkv, self.attn.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(dim, 4 * dim), torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        x = x + self.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class _DinoViT(torch.nn.Module):
+    def __init__(self, dim, heads, depth=12):
+        super().__init__()
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, 197, dim) * 0.02)
+        self.blocks = torch.nn.ModuleList(_DinoBlock(dim, heads) for _ in range(depth))
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):  # the normalised tokens (DINO's linear probe reads token 0)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("name, dim, heads", [("vit_s_16_dino", 384, 6), ("vit_b_16_dino", 768, 12)])
+def test_dino_vits_load_dinos_key_layout(tmp_path, name, dim, heads):
+    torch.manual_seed(0)
+    reference = _DinoViT(dim, heads).eval()
+    for p in reference.parameters():  # away from the default LayerNorm weights
+        p.data.add_(0.01 * torch.randn_like(p))
+    state = {f"module.backbone.{k}": v for k, v in reference.state_dict().items()} | {"module.head.mlp.0.weight": torch.zeros(2, dim)}
+    torch.save({"teacher": state, "epoch": 100}, tmp_path / "checkpoint.pth")  # a full training checkpoint
+    torch.save(reference.state_dict(), tmp_path / "pretrain.pth")  # the released backbone file
+    images = torch.rand(2, 3, 224, 224)
+    for file in ("checkpoint.pth", "pretrain.pth"):
+        backbone = create_backbone(name, weights=str(tmp_path / file))
+        x = backbone.preprocess(images)
+        with torch.no_grad():
+            tokens = reference(x)
+            features = backbone(x)
+        assert features.shape == (2, dim, 14, 14)
+        torch.testing.assert_close(features.flatten(2).transpose(1, 2), tokens[:, 1:], rtol=1e-4, atol=1e-4)
+        assert backbone.forward_to(x, "middle").shape == (2, 2 * dim, 14, 14)  # after block 6

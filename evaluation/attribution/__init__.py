@@ -8,6 +8,7 @@ explains ``targets[i]`` for ``images[i]``. Each method registers itself beside i
 from __future__ import annotations
 
 from evaluation.attribution.ablation_cam import ablation_cam
+from evaluation.attribution.attention import attention_gradient, attention_rollout
 from evaluation.attribution.bcos import bcos_explanation
 from evaluation.attribution.cam_variants import grad_cam_plus_plus, layer_cam
 from evaluation.attribution.common import ALL_LAYERS, METHODS, AttributionMethod
@@ -28,6 +29,8 @@ __all__ = [
     "NO_LRP_RULES",
     "AttributionMethod",
     "ablation_cam",
+    "attention_gradient",
+    "attention_rollout",
     "rise",
     "rise_masks",
     "bcos_explanation",

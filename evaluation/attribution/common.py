@@ -64,6 +64,7 @@ class AttributionMethod:
         uses_probabilities: ``fn`` takes ``probabilities`` (logits -> probabilities: sigmoid for
             BCE probes, softmax for CE probes; REFERENCE section 4).
         refuses: model :data:`TRAITS` the method does not apply to, each with the reason.
+        requires: model :data:`TRAITS` the method needs, each with the reason.
     """
 
     name: str
@@ -72,12 +73,16 @@ class AttributionMethod:
     description: str = ""
     uses_probabilities: bool = False
     refuses: tuple[tuple[str, str], ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
 
     def refusal(self, traits) -> str | None:
         """Why the method does not apply to a model with ``traits``, or None if it does."""
         for trait, reason in self.refuses:
             if trait in traits:
                 return f"method {self.name!r} does not apply to models with {TRAITS[trait]}: {reason}"
+        for trait, reason in self.requires:
+            if trait not in traits:
+                return f"method {self.name!r} applies only to models with {TRAITS[trait]}: {reason}"
         return None
 
     def __call__(self, model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", **opts):
@@ -100,12 +105,13 @@ def attribution_method(
     description: str,
     uses_probabilities: bool = False,
     refuses: tuple[tuple[str, str], ...] = (),
+    requires: tuple[tuple[str, str], ...] = (),
 ):
     """Decorator that registers ``fn(model, images, targets, layer, activation=None, ...)`` as the
     attribution method ``name``, beside its code (see :class:`AttributionMethod` for the rest)."""
 
     def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS.register(name)(AttributionMethod(name, fn, layers, description, uses_probabilities, refuses))
+        METHODS.register(name)(AttributionMethod(name, fn, layers, description, uses_probabilities, refuses, requires))
         return fn
 
     return add

@@ -1,0 +1,112 @@
+"""Attention-based explanations of vision transformers: attention rollout (Abnar & Zuidema, 2020)
+and Chefer et al.'s gradient-weighted attention rule (ICCV 2021, "Generic Attention-model
+Explainability"; called CGW2 by Böhle et al., beside CGW1, their CVPR 2021 rule that weights LRP
+relevances of the attention instead of the attention itself).
+
+Both propagate a token-to-token relevance ``R`` (identity at the start) through the blocks:
+
+- rollout: ``R <- A_hat R`` with ``A_hat`` the heads' mean attention plus the identity (the
+  residual), rows normalised: ``A_hat = (0.5 A + 0.5 I)`` / row sums. Class-agnostic.
+- gradient-weighted (``attention_grad``): ``R <- R + mean_h (dlogit/dA * A)+ R``, the target
+  logit's gradient with respect to each attention matrix.
+
+The map is the relevance of the patch tokens for the tokens the head reads: probesweep's probes
+pool the patch tokens (the class token is dropped, ``probing.zoo.ViTPatchMap``), so it is the
+mean of the patch tokens' rows of ``R`` (a class-token model would read row 0). It is defined at
+the input only (patches upsampled bilinearly to the image). The attention is computed by
+hand inside ``nn.MultiheadAttention`` while a method runs (same output, probabilities kept),
+and the modules are left as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evaluation.attribution.common import attribution_method, select_targets, to_image_size
+
+__all__ = ["attention_gradient", "attention_rollout", "recorded_attention"]
+
+VIT_ONLY = (("vit", "it reads the attention of a vision transformer's blocks"),)
+
+
+def explicit_attention(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention of ``x`` (B, T, D) as ``module`` computes it (batch first, eval mode), and
+    its probabilities (B, heads, T, T)."""
+    batch, tokens, dim = x.shape
+    heads = module.num_heads
+    q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads), dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(batch, tokens, dim)
+    return module.out_proj(out), probs
+
+
+@contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every batch-first ``nn.MultiheadAttention`` of ``model`` computes its
+    self-attention by hand and appends its probabilities (in the autograd graph) to the yielded
+    list, in call order. Each module's own ``forward`` is back on exit, also on an error."""
+    records: list[torch.Tensor] = []
+    patched = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not patched:
+        raise ValueError("the model has no nn.MultiheadAttention: attention methods explain vision transformers")
+    for module in patched:
+        if not module.batch_first:
+            raise ValueError("attention methods expect batch-first nn.MultiheadAttention (torchvision's ViT)")
+
+        def forward(query, key, value, *args, _module=module, **kwargs):
+            out, probs = explicit_attention(_module, query)
+            records.append(probs)
+            return out, None
+
+        module.forward = forward  # an instance attribute: deleting it restores the class's method
+    try:
+        yield records
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _patch_map(relevance: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) token relevance -> (B, H, W): the patch tokens' mean row, over the patches."""
+    patches = relevance[:, 1:, 1:].mean(dim=1)
+    side = int(round(patches.shape[1] ** 0.5))
+    return to_image_size(patches.reshape(len(patches), side, side), images.shape[-2:])
+
+
+def _refuse_grid_models(model) -> None:
+    if hasattr(model, "rows"):  # DiFull / DiPart grid models run the backbone per cell
+        raise ValueError("attention methods explain the plain model: score them with gridpg or epg, not difull or dipart")
+
+
+@attribution_method("rollout", ("input",), "attention rollout (ViTs; class-agnostic)", requires=VIT_ONLY)
+def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
+    """(B, H, W) attention rollout maps; ``targets`` are checked, not used (rollout ignores the class)."""
+    _refuse_grid_models(model)
+    with torch.no_grad(), recorded_attention(model) as records:
+        select_targets(model(images), targets)
+    relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(images), -1, -1)
+    for probs in records:
+        mixed = 0.5 * probs.mean(dim=1) + 0.5 * torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        relevance = (mixed / mixed.sum(dim=-1, keepdim=True)) @ relevance
+    return _patch_map(relevance, images)
+
+
+@attribution_method("attention_grad", ("input",), "gradient-weighted attention, Chefer et al. 2021b (ViTs)", requires=VIT_ONLY)
+def attention_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
+    """(B, H, W) maps of Chefer et al.'s rule ``R <- R + mean_h (grad A * A)+ R``."""
+    _refuse_grid_models(model)
+    with torch.enable_grad(), recorded_attention(model) as records:
+        logits = model(images.detach().requires_grad_(True))  # (the frozen weights need no gradient)
+        gradients = torch.autograd.grad(select_targets(logits, targets).sum(), records)  # rows are independent
+    relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(images), -1, -1)
+    for probs, grad in zip(records, gradients):
+        weighted = (grad * probs.detach()).clamp(min=0).mean(dim=1)
+        relevance = relevance + weighted @ relevance
+    return _patch_map(relevance, images)

@@ -1,0 +1,121 @@
+"""Attention rollout and Chefer et al.'s gradient-weighted attention on a 2-block ViT, against the
+formulas written out per image on the attention torch's own nn.MultiheadAttention returns."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from evaluation.attribution import create_method
+from evaluation.attribution.attention import recorded_attention
+from probing.heads import create_head
+from probing.model import ProbedModel
+from probing.zoo import staged_backbone
+
+
+@pytest.fixture(scope="module")
+def vit_model():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    with torch.no_grad():
+        for p in vit.parameters():  # attention far from uniform
+            p.add_(0.3 * torch.randn_like(p))
+    backbone = staged_backbone("vit_small", vit)
+    return ProbedModel(backbone, create_head("linear", backbone.out_channels, 5)).double().eval().requires_grad_(False)
+
+
+def _torch_attention(model, x, targets=None):
+    """Each block's attention probabilities (B, heads, T, T) from nn.MultiheadAttention itself
+    (need_weights, per head), and with ``targets`` the target logits' gradients with respect to
+    them: (dlogit / d attention output of head h) @ v_h^T, as attention output = A v."""
+    records, queries, outputs, handles = [], [], [], []
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            def before(m, args, kwargs):
+                queries.append(args[0])
+                return args, kwargs | {"need_weights": True, "average_attn_weights": False}
+
+            def after(m, args, out):
+                records.append(out[1])
+                outputs.append(out[0])
+
+            handles += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
+    try:
+        with torch.enable_grad():
+            logits = model(x.clone().requires_grad_(True))
+            if targets is None:
+                return [r.detach() for r in records], None
+            output_grads = torch.autograd.grad(logits[torch.arange(len(x)), targets].sum(), outputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    gradients = []
+    for module, query, grad in zip(blocks, queries, output_grads):
+        b, t, d = query.shape
+        heads = module.num_heads
+        v = F.linear(query, module.in_proj_weight[2 * d :], module.in_proj_bias[2 * d :]).reshape(b, t, heads, d // heads).transpose(1, 2)
+        per_head = (grad @ module.out_proj.weight).reshape(b, t, heads, d // heads).transpose(1, 2)  # d logit / d (A v)
+        gradients.append((per_head @ v.transpose(-2, -1)).detach())
+    return [r.detach() for r in records], gradients
+
+
+def _patch_map(relevance, size):
+    patches = relevance[1:, 1:].mean(dim=0)  # the patch tokens' rows: the probe pools the patch tokens
+    return F.interpolate(patches.reshape(1, 1, 4, 4), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def test_recorded_attention_equals_multihead_attention_and_puts_it_back(vit_model):
+    x = vit_model.preprocess(torch.rand(3, 3, 32, 32, dtype=torch.float64))
+    reference, _ = _torch_attention(vit_model, x)
+    plain = vit_model(x)
+    forwards = [m.forward for m in vit_model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    with recorded_attention(vit_model) as records:
+        torch.testing.assert_close(vit_model(x), plain)  # the same output, computed by hand
+    assert len(records) == 2 and all(torch.allclose(a, b) for a, b in zip(records, reference))
+    assert [m.forward for m in vit_model.modules() if isinstance(m, torch.nn.MultiheadAttention)] == forwards
+    assert not any("forward" in vars(m) for m in vit_model.modules())
+    with pytest.raises(ValueError, match="no nn.MultiheadAttention"):
+        with recorded_attention(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_rollout_equals_the_formula_per_image(vit_model):
+    x = vit_model.preprocess(torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    targets = torch.tensor([0, 3, 1])
+    maps = create_method("rollout")(vit_model, x, targets)
+    attention, _ = _torch_attention(vit_model, x)
+    for b in range(3):
+        relevance = torch.eye(17, dtype=torch.float64)
+        for probs in attention:
+            a = (probs[b].mean(dim=0) + torch.eye(17, dtype=torch.float64)) / 2
+            relevance = (a / a.sum(dim=-1, keepdim=True)) @ relevance
+        torch.testing.assert_close(maps[b], _patch_map(relevance, (32, 32)))
+    assert torch.equal(create_method("rollout")(vit_model, x, torch.tensor([4, 4, 4])), maps)  # class-agnostic
+
+
+def test_gradient_weighted_attention_equals_chefers_rule_per_image(vit_model):
+    x = vit_model.preprocess(torch.rand(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    targets = torch.tensor([0, 3, 1, 3])
+    maps = create_method("attention_grad")(vit_model, x, targets)
+    attention, gradients = _torch_attention(vit_model, x, targets)
+    for b in range(4):
+        relevance = torch.eye(17, dtype=torch.float64)
+        for probs, grad in zip(attention, gradients):
+            relevance = relevance + (grad[b] * probs[b]).clamp(min=0).mean(dim=0) @ relevance
+        torch.testing.assert_close(maps[b], _patch_map(relevance, (32, 32)))
+    other = create_method("attention_grad")(vit_model, x, torch.tensor([2, 2, 2, 2]))
+    assert not torch.allclose(other, maps)  # class-specific, unlike rollout
+
+
+def test_attention_methods_refuse_convolutional_models_and_other_layers(vit_model):
+    from probing.embedded_backbones import tiny_resnet
+
+    backbone = tiny_resnet()
+    cnn = ProbedModel(backbone, create_head("linear", backbone.out_channels, 5)).eval()
+    x = cnn.preprocess(torch.rand(1, 3, 32, 32))
+    for method in ("rollout", "attention_grad"):
+        with pytest.raises(ValueError, match=f"method '{method}' applies only to models with a vision transformer"):
+            create_method(method)(cnn, x, torch.tensor([1]))
+        with pytest.raises(ValueError, match="is not defined at layer 'final'"):
+            create_method(method)(vit_model, vit_model.preprocess(torch.rand(1, 3, 32, 32, dtype=torch.float64)), torch.tensor([1]), layer="final")
