@@ -5,4 +5,4 @@ register them with a decorator beside their code, when this package is imported 
 that no module imports back the one that imports it.
 """
 
-from probing import embedded_backbones, image_data, zoo  # noqa: F401  (registration)
+from probing import embedded_backbones, embedded_vit, image_data, zoo  # noqa: F401  (registration)

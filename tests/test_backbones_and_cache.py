@@ -205,8 +205,8 @@ def test_the_pretraining_key_changes_with_the_recipe_and_the_code(monkeypatch):
     from probing.backbones import BackboneEntry, pretraining_key
     from probing.embedded_backbones import _pretrain
 
-    keys = {name: pretraining_key(name) for name in ("tiny_resnet_sup", "tiny_resnet_ssl", "tiny_bcos_resnet")}
-    assert len(set(keys.values())) == 3 and keys["tiny_resnet_sup"] == pretraining_key("tiny_resnet_sup")
+    keys = {name: pretraining_key(name) for name in ("tiny_resnet_sup", "tiny_resnet_ssl", "tiny_bcos_resnet", "tiny_vit_sup")}
+    assert len(set(keys.values())) == 4 and keys["tiny_resnet_sup"] == pretraining_key("tiny_resnet_sup")
     for name, pretrain in [("fewer_epochs", _pretrain("supervised", 14)), ("other_scheme", _pretrain("simsiam", 15))]:
         monkeypatch.setitem(BACKBONES._entries, name, BackboneEntry(build=tiny_resnet, pretrain=pretrain))
     monkeypatch.setitem(BACKBONES._entries, "same", BackboneEntry(build=tiny_resnet, pretrain=_pretrain("supervised", 15)))
@@ -265,7 +265,7 @@ def test_the_tests_ship_each_embedded_backbone_as_the_current_code_pre_trains_it
     from conftest import SHIPPED_BACKBONES
 
     embedded = [name for name in BACKBONES.names() if BACKBONES.get(name).pretrain is not None]
-    assert len(embedded) == 3
+    assert len(embedded) == 4  # tiny_resnet_sup, tiny_resnet_ssl, tiny_bcos_resnet, tiny_vit_sup
     for name in embedded:
         shipped = SHIPPED_BACKBONES / pretrained_weights_file(name).name
         assert shipped.is_file(), f"{shipped.name} is not in {SHIPPED_BACKBONES}: copy it from .test-cache/backbones"

@@ -165,7 +165,7 @@ SPEC_CASES = [
     ('storage', ['a'], "storage: must be text, got ['a']"),
     ('recipes', {'heads': ['mlp']}, "recipes: must be a list, got {'heads': ['mlp']}"),
     ('recipes', [{'train': {'lr': INF}}], 'recipes[0].train.lr: must be a finite number, got inf'),
-    ('recipes', [{'backbones': ['resnet5'], 'train': {}}], "recipes[0].backbones[0]: unknown backbone 'resnet5': known are bcos_resnet50, clip_resnet50, resnet18, resnet50, resnet50_byol, resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16, vit_b_16_dino, vit_s_16_dino; did you mean 'resnet50'?"),
+    ('recipes', [{'backbones': ['resnet5'], 'train': {}}], "recipes[0].backbones[0]: unknown backbone 'resnet5': known are bcos_resnet50, clip_resnet50, resnet18, resnet50, resnet50_byol, resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, tiny_vit_sup, vgg11, vgg16, vit_b_16, vit_b_16_dino, vit_s_16_dino; did you mean 'resnet50'?"),
     ('recipes', [{'heads': ['mlp']}], 'recipes[0].train: required'),
 ]
 

@@ -35,6 +35,7 @@ FAMILIES = {
     "bcos_resnet50": lambda: BACKBONES.get("bcos_resnet50").build(),
     "tiny_resnet": lambda: BACKBONES.get("tiny_resnet_sup").build(),
     "tiny_bcos_resnet": lambda: BACKBONES.get("tiny_bcos_resnet").build(),
+    "tiny_vit": lambda: BACKBONES.get("tiny_vit_sup").build(),
 }
 
 

@@ -53,8 +53,8 @@ BAD_SPECS = [
         "backbones",
         ["resnet5"],
         "backbones[0].name: unknown backbone 'resnet5': known are bcos_resnet50, clip_resnet50, resnet18, resnet50, resnet50_byol, "
-        "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, vgg11, vgg16, vit_b_16, "
-        "vit_b_16_dino, vit_s_16_dino; "
+        "resnet50_dino, resnet50_mocov2, tiny_bcos_resnet, tiny_resnet_ssl, tiny_resnet_sup, tiny_vit_sup, vgg11, vgg16, "
+        "vit_b_16, vit_b_16_dino, vit_s_16_dino; "
         "did you mean 'resnet50'?",
     ),
     ("backbones", [{"name": "resnet50", "weights": "/no/such.pth"}], "backbones[0]: weights file not found: /no/such.pth (a path, or a torchvision weights tag such as IMAGENET1K_V1)"),
