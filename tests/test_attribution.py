@@ -478,3 +478,29 @@ def test_occlusion_at_the_input_of_a_bcos_model_occludes_the_image_and_encodes_i
     assert torch.equal(blank[:, 3:], torch.ones_like(blank[:, 3:]))
     logit = lambda inputs: bcos_model(inputs)[0, int(targets[0])]  # noqa: E731
     torch.testing.assert_close(ours, (logit(x) - logit(blank)).expand(1, 32, 32), rtol=1e-9, atol=1e-12)
+
+
+def test_lrp_canonizes_the_residual_sums_of_clips_bottlenecks():
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+
+    from probing.backbones import BACKBONES
+    from probing.clip_resnet import ClipBottleneck
+
+    torch.manual_seed(0)
+    backbone = BACKBONES.get("clip_resnet50").build().eval()
+    model = ProbedModel(backbone, create_head("linear", backbone.out_channels, 10)).double().eval().requires_grad_(False)
+    images, targets = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    x = model.preprocess(images)
+    plain = model(x)
+    ours = create_method("lrp")(model, x, targets, layer="input")
+    bounds = (model.preprocess(torch.zeros_like(images)), model.preprocess(torch.ones_like(images)))
+    with Gradient(model, EpsilonGammaBox(*bounds)) as attributor:  # no canonizers: plain gradient through "+"
+        _, uncanonized = attributor(x.clone().requires_grad_(True), torch.eye(10, dtype=x.dtype)[targets])
+    # canonized, relevance is conserved through the 16 residual sums (the logit, up to the bias
+    # terms' share); a plain gradient through "+" passes the whole relevance to both branches
+    logits = plain[torch.arange(2), targets]
+    torch.testing.assert_close(ours.sum(dim=(1, 2)), logits, rtol=0.05, atol=0.0)
+    assert (uncanonized.sum(dim=(1, 2, 3)).abs() > 10 * logits.abs()).all()
+    torch.testing.assert_close(model(x), plain)  # the canonized forward was the same network, and is gone
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, ClipBottleneck))

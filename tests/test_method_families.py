@@ -36,6 +36,7 @@ FAMILIES = {
     "tiny_resnet": lambda: BACKBONES.get("tiny_resnet_sup").build(),
     "tiny_bcos_resnet": lambda: BACKBONES.get("tiny_bcos_resnet").build(),
     "tiny_vit": lambda: BACKBONES.get("tiny_vit_sup").build(),
+    "clip_resnet50": lambda: BACKBONES.get("clip_resnet50").build(),
 }
 
 

@@ -294,10 +294,11 @@ def test_environment_variables_in_a_spec(tmp_path, monkeypatch):
 
 SHIPPED = {  # spec file -> trials it expands to
     "demo.yaml": 12,
-    "imagenet_how_to_probe.yaml": 50,
+    "imagenet_how_to_probe.yaml": 60,
     "voc2007_epg.yaml": 8,
     "coco2014_epg.yaml": 6,
     "optuna_best_explained.yaml": 24,
+    "vit_methods.yaml": 18,
 }
 
 
@@ -307,7 +308,8 @@ def shipped_environment(tmp_path, monkeypatch):
     for name in ("IMAGENET_ROOT", "VOC_ROOT", "COCO_ROOT", "WEIGHTS_DIR"):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
-    for checkpoint in ("dino_resnet50_pretrain.pth", "moco_v2_800ep_pretrain.pth.tar", "byol_r50.pth", "bcos_resnet_50.pth"):
+    checkpoints = ("dino_resnet50_pretrain.pth", "moco_v2_800ep_pretrain.pth.tar", "byol_r50.pth", "RN50.pt", "bcos_resnet_50.pth")
+    for checkpoint in (*checkpoints, "dino_deitsmall16_pretrain.pth", "dino_vitbase16_pretrain.pth"):
         (tmp_path / "WEIGHTS_DIR" / checkpoint).write_bytes(b"")
     return tmp_path
 
@@ -319,8 +321,12 @@ def test_every_shipped_spec_is_valid(shipped_environment):
         assert spec.n_trials() == n_trials, name
     imagenet = load_spec(DEMO_SPEC.parent / "imagenet_how_to_probe.yaml")
     assert [b.name for b in imagenet.backbones] == [
-        "resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol", "bcos_resnet50"
+        "resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol", "clip_resnet50", "bcos_resnet50"
     ]  # fmt: skip
+    assert {"compactness", "complexity"} <= set(imagenet.evaluate.metrics)
+    vit = load_spec(DEMO_SPEC.parent / "vit_methods.yaml")
+    assert [b.name for b in vit.backbones] == ["vit_b_16", "vit_s_16_dino", "vit_b_16_dino"]
+    assert {"rollout", "attention_grad"} <= set(vit.evaluate.methods) and {"deletion", "insertion"} <= set(vit.evaluate.metrics)
     assert imagenet.backbones[1].weights == str(shipped_environment / "WEIGHTS_DIR" / "dino_resnet50_pretrain.pth")
     assert {h.type for h in imagenet.probe.head} == {"linear", "mlp", "bcos"} and imagenet.probe.loss == ["ce", "bce"]
 
@@ -336,6 +342,7 @@ def test_shipped_spec_names_each_unset_variable(monkeypatch):
         "backbones[2].weights: environment variable WEIGHTS_DIR is not set",
         "backbones[3].weights: environment variable WEIGHTS_DIR is not set",
         "backbones[4].weights: environment variable WEIGHTS_DIR is not set",
+        "backbones[5].weights: environment variable WEIGHTS_DIR is not set",
     ]
 
 
@@ -381,7 +388,7 @@ def test_the_shipped_specs_train_each_probe_with_the_references_recipe(shipped_e
     train = {(t.backbone.name, t.head.type, t.head.depth): t.train.model_dump(include=set(keys)) for t in imagenet.trials()}
     sgd = {"lr": 30.0, "weight_decay": 0.0, "optimizer": "sgd", "momentum": 0.9, "warmup_epochs": 0, "milestones": [60, 80]}
     adam = {"lr": 1e-3, "weight_decay": 0.0, "optimizer": "adam", "momentum": 0.9, "warmup_epochs": 5, "milestones": None}
-    for backbone in ("resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol"):
+    for backbone in ("resnet50", "resnet50_dino", "resnet50_mocov2", "resnet50_byol", "clip_resnet50"):
         assert train[(backbone, "mlp", 2)] == train[(backbone, "bcos", 3)] == sgd
         assert train[(backbone, "linear", None)] == adam  # Adam + cosine from train:
     assert train[("bcos_resnet50", "mlp", 3)] == adam  # MLPs on the B-cos backbone: Adam

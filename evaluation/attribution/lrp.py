@@ -51,16 +51,27 @@ def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.relu2(self.canonizer_sum(torch.stack([self.shortcut(x), out], dim=-1)))
 
 
+def _clip_bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+    out = self.bn3(self.conv3(self.avgpool(out)))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu3(self.canonizer_sum(torch.stack([identity, out], dim=-1)))
+
+
 def BasicBlockCanonizer():  # noqa: N802 (a canonizer factory, named like the zennit classes it builds)
-    """zennit canonizer for ``probing.embedded_backbones.BasicBlock``: its residual sum through a ``Sum`` module."""
+    """zennit canonizer for the residual blocks zennit does not know: ``probing.embedded_backbones.
+    BasicBlock`` and CLIP's bottleneck (``probing.clip_resnet.ClipBottleneck``), their residual sum
+    through a ``Sum`` module, as zennit's ResNetCanonizer does for torchvision's blocks."""
     from zennit.canonizers import AttributeCanonizer
     from zennit.layer import Sum
 
+    from probing.clip_resnet import ClipBottleneck
     from probing.embedded_backbones import BasicBlock
 
     def attributes(name, module):
-        if isinstance(module, BasicBlock):
-            return {"forward": _basic_block_forward.__get__(module), "canonizer_sum": Sum()}
+        for kind, forward in ((BasicBlock, _basic_block_forward), (ClipBottleneck, _clip_bottleneck_forward)):
+            if isinstance(module, kind):
+                return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
         return None
 
     return AttributeCanonizer(attributes)
