@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from probing.backbones import BACKBONES, BackboneConfig, BackboneEntry, StagedBackbone, file_digest
@@ -187,16 +188,34 @@ def _weights_file(name: str, weights: str | None, weights_enum: str | None) -> P
 
 
 class ViTEmbed(nn.Module):
-    """Patch projection, class token and position embedding: images -> tokens (B, 1 + N, D)."""
+    """Patch projection, class token and position embedding: images -> tokens (B, 1 + N, D).
+
+    Square images of any multiple of the patch size: at another size than the one the ViT was
+    trained at, the patch tokens' position embeddings are interpolated bicubically to the new
+    patch grid (as DINO and timm do), so that a 2x2 grid of training-size images is explained
+    by the same network."""
 
     def __init__(self, vit: nn.Module):
         super().__init__()
         self.vit = vit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit._process_input(x)
+        height, width = x.shape[-2:]
+        patch = self.vit.patch_size
+        if height != width or height % patch:
+            raise ValueError(f"a ViT takes square images whose side is a multiple of {patch} px, got {height}x{width}")
+        tokens = self.vit.conv_proj(x).flatten(2).transpose(1, 2)
         cls = self.vit.class_token.expand(len(tokens), -1, -1)
-        return self.vit.encoder.dropout(torch.cat([cls, tokens], dim=1) + self.vit.encoder.pos_embedding)
+        return self.vit.encoder.dropout(torch.cat([cls, tokens], dim=1) + self._positions(height // patch))
+
+    def _positions(self, side: int) -> torch.Tensor:
+        positions = self.vit.encoder.pos_embedding
+        trained = int(round((positions.shape[1] - 1) ** 0.5))
+        if side == trained:
+            return positions
+        grid = positions[:, 1:].reshape(1, trained, trained, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        return torch.cat([positions[:, :1], grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)], dim=1)
 
 
 class TokensToMap(nn.Module):

@@ -119,3 +119,35 @@ def test_attention_methods_refuse_convolutional_models_and_other_layers(vit_mode
             create_method(method)(cnn, x, torch.tensor([1]))
         with pytest.raises(ValueError, match="is not defined at layer 'final'"):
             create_method(method)(vit_model, vit_model.preprocess(torch.rand(1, 3, 32, 32, dtype=torch.float64)), torch.tensor([1]), layer="final")
+
+
+def test_the_targets_of_one_image_share_its_forward_and_give_each_rows_own_map(vit_model):
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = vit_model.preprocess(images).repeat_interleave(3, dim=0)  # three targets per image, as a grid's
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    for method in ("rollout", "attention_grad"):
+        shared = create_method(method)(vit_model, x, targets)
+        alone = torch.cat([create_method(method)(vit_model, x[i : i + 1], targets[i : i + 1]) for i in range(6)])
+        torch.testing.assert_close(shared, alone, rtol=1e-9, atol=1e-12)
+
+
+def test_gridpg_scores_the_attention_methods_on_grids_of_a_vit(vit_model):
+    from evaluation.gridpg import evaluate_gridpg
+    from evaluation.localization import grid_pointing_game
+
+    generator = torch.Generator().manual_seed(6)
+    colours = torch.rand(60, 3, 1, 1, dtype=torch.float64, generator=generator)  # varied images, varied classes
+    images = (colours + 0.2 * torch.rand(60, 3, 32, 32, dtype=torch.float64, generator=generator)).clamp(0, 1)
+    with torch.no_grad():
+        labels = vit_model(vit_model.preprocess(images)).argmax(dim=1)  # every image classified correctly
+    rows, shown = {}, []
+    scores = evaluate_gridpg(
+        vit_model, images, labels, lambda z: z.softmax(dim=1), ["rollout", "attention_grad"], ["input"], n_grids=3,
+        confidence=0.0, smoothing={}, on_rows=lambda key, columns: rows.setdefault(key, columns),
+        on_maps=lambda key, maps, cells, values, grid_images, ids: shown.append((key, maps, cells, values)),
+    )  # fmt: skip
+    assert scores["grids/scored"] >= 1
+    for key, maps, cells, values in shown:  # 64 px grids of 32 px images: positions interpolated
+        assert maps.shape[-2:] == (64, 64)
+        torch.testing.assert_close(values, grid_pointing_game(maps, 2, cells))
+    assert 0 <= scores["gridpg/rollout/input"] <= 1 and 0 <= scores["gridpg/attention_grad/input"] <= 1

@@ -312,3 +312,21 @@ def test_dino_vits_load_dinos_key_layout(tmp_path, name, dim, heads):
         assert features.shape == (2, dim, 14, 14)
         torch.testing.assert_close(features.flatten(2).transpose(1, 2), tokens[:, 1:], rtol=1e-4, atol=1e-4)
         assert backbone.forward_to(x, "middle").shape == (2, 2 * dim, 14, 14)  # after block 6
+
+
+def test_a_vit_explains_a_grid_of_its_training_size_with_interpolated_positions(tmp_path):
+    import torch.nn.functional as F
+
+    reference = torchvision.models.vit_b_16().eval()
+    torch.save(reference.state_dict(), tmp_path / "vit.pth")
+    backbone = create_backbone("vit_b_16", weights=str(tmp_path / "vit.pth"))
+    grid = torch.rand(1, 3, 448, 448)  # a 2x2 grid of 224 px images
+    features = backbone(backbone.preprocess(grid))
+    assert features.shape == (1, 768, 28, 28) and torch.isfinite(features).all()
+    # by hand: the 14x14 patch positions resized bicubically to 28x28, the class token's kept
+    positions = reference.encoder.pos_embedding
+    patches = F.interpolate(positions[:, 1:].reshape(1, 14, 14, 768).permute(0, 3, 1, 2), size=(28, 28), mode="bicubic")
+    expected = torch.cat([positions[:, :1], patches.permute(0, 2, 3, 1).reshape(1, 784, 768)], dim=1)
+    torch.testing.assert_close(backbone.stages[0]._positions(28), expected)
+    with pytest.raises(ValueError, match="square images whose side is a multiple of 16 px, got 224x200"):
+        backbone(torch.rand(1, 3, 224, 200))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.attribution.common import attribution_method, select_targets, to_image_size
+from evaluation.attribution.common import attribution_method, repeated_rows, select_targets, to_image_size
 
 __all__ = ["attention_gradient", "attention_rollout", "recorded_attention"]
 
@@ -87,26 +87,35 @@ def _refuse_grid_models(model) -> None:
 
 @attribution_method("rollout", ("input",), "attention rollout (ViTs; class-agnostic)", requires=VIT_ONLY)
 def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
-    """(B, H, W) attention rollout maps; ``targets`` are checked, not used (rollout ignores the class)."""
+    """(B, H, W) attention rollout maps; ``targets`` are checked, not used (rollout ignores the
+    class), so the rows of one image (a grid's targets) share one computation."""
     _refuse_grid_models(model)
+    k = repeated_rows(images)
+    distinct = images[::k]
     with torch.no_grad(), recorded_attention(model) as records:
-        select_targets(model(images), targets)
-    relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(images), -1, -1)
+        select_targets(model(distinct).repeat_interleave(k, dim=0), targets)
+    relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(distinct), -1, -1)
     for probs in records:
         mixed = 0.5 * probs.mean(dim=1) + 0.5 * torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
         relevance = (mixed / mixed.sum(dim=-1, keepdim=True)) @ relevance
-    return _patch_map(relevance, images)
+    return _patch_map(relevance, images).repeat_interleave(k, dim=0)
 
 
 @attribution_method("attention_grad", ("input",), "gradient-weighted attention, Chefer et al. 2021b (ViTs)", requires=VIT_ONLY)
 def attention_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
-    """(B, H, W) maps of Chefer et al.'s rule ``R <- R + mean_h (grad A * A)+ R``."""
+    """(B, H, W) maps of Chefer et al.'s rule ``R <- R + mean_h (grad A * A)+ R``. Rows of one
+    image (a grid's targets) share its forward pass: one backward pass per target position."""
     _refuse_grid_models(model)
+    k = repeated_rows(images)
+    distinct = images[::k]
+    maps = []
     with torch.enable_grad(), recorded_attention(model) as records:
-        logits = model(images.detach().requires_grad_(True))  # (the frozen weights need no gradient)
-        gradients = torch.autograd.grad(select_targets(logits, targets).sum(), records)  # rows are independent
-    relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(images), -1, -1)
-    for probs, grad in zip(records, gradients):
-        weighted = (grad * probs.detach()).clamp(min=0).mean(dim=1)
-        relevance = relevance + weighted @ relevance
-    return _patch_map(relevance, images)
+        logits = model(distinct.detach().requires_grad_(True))  # (the frozen weights need no gradient)
+        select_targets(logits.repeat_interleave(k, dim=0), targets)  # checks every row's target
+        for r in range(k):  # rows are independent: the sum's gradient is each row's own
+            gradients = torch.autograd.grad(select_targets(logits, targets[r::k]).sum(), records, retain_graph=r < k - 1)
+            relevance = torch.eye(records[0].shape[-1], dtype=images.dtype, device=images.device).expand(len(distinct), -1, -1)
+            for probs, grad in zip(records, gradients):
+                relevance = relevance + (grad * probs.detach()).clamp(min=0).mean(dim=1) @ relevance
+            maps.append(_patch_map(relevance, images))
+    return torch.stack(maps, dim=1).flatten(0, 1)  # (U, k, H, W) -> rows in their order
