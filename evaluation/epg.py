@@ -1,8 +1,9 @@
 """Box evaluation on multi-label data (VOC 2007, COCO 2014): EPG and the pointing game.
 
 One row per (image, ground-truth class): the map for that class is scored against the union of
-the class's boxes, by the Energy Pointing Game and the pointing game (15 px tolerance). Boxes flagged difficult (VOC) or crowd (COCO) are
-left out, and a class with only such boxes is not explained. As in the grid evaluation, one
+the class's boxes, by the Energy Pointing Game and the pointing game (15 px tolerance). Boxes
+flagged difficult (VOC) or crowd (COCO) are left out, and a class with only such boxes is not
+explained. As in the grid evaluation, one
 backbone forward per batch and layer serves every method and every class of an image.
 """
 

@@ -107,7 +107,8 @@ def evaluate_gridpg(
         probabilities: logits -> probabilities (sigmoid for BCE probes, softmax for CE probes),
             used for the confidence filter and by the methods that use them.
         methods, layers: names from the attribution registry and the ML-Att layers; pairs where
-            a method is undefined (Grad-CAM at the input) are skipped.
+            a method is undefined (Grad-CAM at the input) are skipped, and so are DiFull and
+            DiPart for methods that explain the plain model only (rollout, attention_grad).
         grid (int): n for n x n grids. n_grids (int): candidate grids, drawn by ``seed`` from
             the images whatever the probe (:func:`evaluation.grids.candidate_grids`). The
             candidates whose every cell the probe classifies correctly (top-1) are explained and
@@ -165,7 +166,11 @@ def evaluate_gridpg(
         return scores_out
     device = next(model.parameters()).device
     pairs = method_layer_pairs(methods, layers)
-    keys = [(metric, method, layer) for metric in (*settings, *on_maps_of_gridpg) for method, layer in pairs]
+    # the pairs each setting explains: methods defined on the plain model only (attention rollout)
+    # are scored by GridPG and the map metrics, not on the DiFull / DiPart grid models
+    setting_pairs = {s: [p for p in pairs if s == "gridpg" or create_method(p[0]).grid_models] for s in explained_settings}
+    keys = [(metric, method, layer) for metric in (*settings, *on_maps_of_gridpg)
+            for method, layer in setting_pairs[metric if metric in settings else "gridpg"]]  # fmt: skip
     scores: dict[tuple[str, str, str], list[torch.Tensor]] = {key: [] for key in keys}
 
     def score_batch(start: int, stop: int) -> list[tuple]:
@@ -187,7 +192,7 @@ def evaluate_gridpg(
                     return first_rows.forward_to(grid_inputs, layer).repeat_interleave(per_grid, dim=0)
 
             for method, layer, maps in explain_pairs(
-                setting_model, inputs, targets, pairs, shared_activation, probabilities, smoothing, method_options
+                setting_model, inputs, targets, setting_pairs[setting], shared_activation, probabilities, smoothing, method_options
             ):
                 if setting in settings:
                     score = grid_pointing_game(maps, grid, cell_index)

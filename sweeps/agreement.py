@@ -4,9 +4,9 @@ For one metric, every (method, layer) score of a probe is a column over the unit
 (GridPG: the shared candidate grids; EPG: the (image, class) rows). Two columns agree when they
 rank the units alike: Spearman's rank correlation over the units both hold (average ranks for
 ties). Trials that differ only in their smoothing or method options are the same probe
-explained with other kernels or settings, so their columns are compared too, labelled with them. Each pair's correlation is computed
-within one probe and averaged (a plain mean) over the probes that have both columns: the
-agreement of two ways of explaining, not of two probes.
+explained with other kernels or settings, so their columns are compared too, labelled with them.
+Each pair's correlation is computed within one probe and averaged (a plain mean) over the probes
+that have both columns: the agreement of two ways of explaining, not of two probes.
 """
 
 from __future__ import annotations

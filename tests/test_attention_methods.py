@@ -142,12 +142,85 @@ def test_gridpg_scores_the_attention_methods_on_grids_of_a_vit(vit_model):
         labels = vit_model(vit_model.preprocess(images)).argmax(dim=1)  # every image classified correctly
     rows, shown = {}, []
     scores = evaluate_gridpg(
-        vit_model, images, labels, lambda z: z.softmax(dim=1), ["rollout", "attention_grad"], ["input"], n_grids=3,
-        confidence=0.0, smoothing={}, on_rows=lambda key, columns: rows.setdefault(key, columns),
+        vit_model, images, labels, lambda z: z.softmax(dim=1), ["rollout", "attention_grad", "attnlrp"], ["input"], n_grids=3,
+        confidence=0.0, smoothing={}, on_rows=lambda key, columns: rows.setdefault(key, columns), metrics=("gridpg", "difull"),
         on_maps=lambda key, maps, cells, values, grid_images, ids: shown.append((key, maps, cells, values)),
     )  # fmt: skip
     assert scores["grids/scored"] >= 1
     for key, maps, cells, values in shown:  # 64 px grids of 32 px images: positions interpolated
         assert maps.shape[-2:] == (64, 64)
         torch.testing.assert_close(values, grid_pointing_game(maps, 2, cells))
-    assert 0 <= scores["gridpg/rollout/input"] <= 1 and 0 <= scores["gridpg/attention_grad/input"] <= 1
+    assert all(0 <= scores[f"gridpg/{m}/input"] <= 1 for m in ("rollout", "attention_grad", "attnlrp"))
+    # rollout and attention_grad read the plain model's attention: not scored on DiFull's grid model;
+    # LRP is, and a cell alone through the network gets all the relevance
+    assert "difull/rollout/input" not in scores and "difull/attention_grad/input" not in scores
+    assert scores["difull/attnlrp/input"] == pytest.approx(1.0)
+
+
+def _bias_free_vit_model():
+    """A 2-block ViT and linear probe without any additive constant: no biases, zero position
+    embeddings and class token. Under LRP's rules every part is input x (modified) gradient."""
+    torch.manual_seed(3)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") or name in ("class_token", "encoder.pos_embedding"):
+                p.zero_()
+            else:
+                p.add_(0.3 * torch.randn_like(p))
+    backbone = staged_backbone("vit_small", vit)
+    head = create_head("linear", backbone.out_channels, 5)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if "bias" in name:
+                p.zero_()
+    model = ProbedModel(backbone, head).double().eval().requires_grad_(False)
+    assert all(float(b.abs().max()) == 0 for n, b in model.named_parameters() if n.endswith("bias"))
+    return model
+
+
+def test_attnlrp_conserves_the_logit_where_plain_input_x_gradient_does_not():
+    model = _bias_free_vit_model()
+    x = model.preprocess(torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))
+    targets = torch.tensor([0, 2, 4])
+    logits = model(x)[torch.arange(3), targets]
+    maps = create_method("attnlrp")(model, x, targets)
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), logits, rtol=1e-9, atol=1e-12)
+    plain = create_method("ixg")(model, x, targets)  # LayerNorm, GELU and softmax are not linear: not conservative
+    assert (plain.sum(dim=(1, 2)) - logits).abs().max() > 1e-3 * logits.abs().max()
+    assert not any("forward" in vars(m) for m in model.modules())  # the rules are gone after the call
+    torch.testing.assert_close(model(x)[torch.arange(3), targets], logits)
+
+
+def test_attnlrp_equals_its_rules_written_out_per_image():
+    """The same network evaluated by hand with each rule as a formula, per image and target."""
+    model = _bias_free_vit_model()
+    vit_blocks = [m for m in model.modules() if type(m).__name__ == "EncoderBlock"]
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    x = model.preprocess(images)
+    targets = torch.tensor([1, 3])
+    maps = create_method("attnlrp")(model, x, targets)
+    embed, final = model.backbone.stages[0], model.backbone.stages[-1]
+
+    def norm(ln, t):  # the standard deviation held constant
+        c = t - t.mean(-1, keepdim=True)
+        return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + ln.eps).detach() * ln.weight + ln.bias
+
+    def attention(mha, t):  # probabilities constant
+        q, k, v = F.linear(t, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        split = lambda z: z.reshape(1, 17, 2, 8).transpose(1, 2)  # noqa: E731
+        probs = torch.softmax(split(q) @ split(k).transpose(-2, -1) / 8**0.5, dim=-1).detach()
+        return mha.out_proj((probs @ split(v)).transpose(1, 2).reshape(1, 17, 16))
+
+    for b in range(2):
+        xi = x[b : b + 1].clone().requires_grad_(True)
+        tokens = embed(xi)
+        for block in vit_blocks:
+            tokens = tokens + attention(block.self_attention, norm(block.ln_1, tokens))
+            hidden = block.mlp[0](norm(block.ln_2, tokens))
+            gelu = F.gelu(hidden)
+            tokens = tokens + block.mlp[3](hidden * (gelu / hidden).detach())
+        patches = norm(final.norm, tokens)[:, 1:].transpose(1, 2).reshape(1, 16, 4, 4)
+        logit = model.head(patches)[0, targets[b]]
+        (grad,) = torch.autograd.grad(logit, xi)
+        torch.testing.assert_close(maps[b], (xi * grad).sum(dim=1)[0], rtol=1e-9, atol=1e-12)

@@ -91,9 +91,9 @@ def test_kuberay_rayjob_runs_a_valid_probesweep_command(tmp_path, monkeypatch):
         assert name in env
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
-    for checkpoint in ("dino_resnet50_pretrain.pth", "moco_v2_800ep_pretrain.pth.tar", "byol_r50.pth", "bcos_resnet_50.pth"):
+    for checkpoint in ("dino_resnet50_pretrain.pth", "moco_v2_800ep_pretrain.pth.tar", "byol_r50.pth", "RN50.pt", "bcos_resnet_50.pth"):
         (tmp_path / "WEIGHTS_DIR" / checkpoint).write_bytes(b"")
-    assert load_spec(REPO / params["config"]).n_trials() == 50
+    assert load_spec(REPO / params["config"]).n_trials() == 60
 
 
 def test_team_server_script_refuses_what_it_cannot_serve():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from evaluation.attribution.ablation_cam import ablation_cam
 from evaluation.attribution.attention import attention_gradient, attention_rollout
+from evaluation.attribution.attention_lrp import attention_lrp
 from evaluation.attribution.bcos import bcos_explanation
 from evaluation.attribution.cam_variants import grad_cam_plus_plus, layer_cam
 from evaluation.attribution.common import ALL_LAYERS, METHODS, AttributionMethod
@@ -30,6 +31,7 @@ __all__ = [
     "AttributionMethod",
     "ablation_cam",
     "attention_gradient",
+    "attention_lrp",
     "attention_rollout",
     "rise",
     "rise_masks",

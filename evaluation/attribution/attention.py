@@ -35,15 +35,16 @@ __all__ = ["attention_gradient", "attention_rollout", "recorded_attention"]
 VIT_ONLY = (("vit", "it reads the attention of a vision transformer's blocks"),)
 
 
-def explicit_attention(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def explicit_attention(module: nn.MultiheadAttention, x: torch.Tensor, detach_probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of ``x`` (B, T, D) as ``module`` computes it (batch first, eval mode), and
-    its probabilities (B, heads, T, T)."""
+    its probabilities (B, heads, T, T); ``detach_probabilities``: the output's gradient flows
+    through the values only (CP-LRP's rule)."""
     batch, tokens, dim = x.shape
     heads = module.num_heads
     q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
     probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads), dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(batch, tokens, dim)
+    out = ((probs.detach() if detach_probabilities else probs) @ v).transpose(1, 2).reshape(batch, tokens, dim)
     return module.out_proj(out), probs
 
 
@@ -85,7 +86,7 @@ def _refuse_grid_models(model) -> None:
         raise ValueError("attention methods explain the plain model: score them with gridpg or epg, not difull or dipart")
 
 
-@attribution_method("rollout", ("input",), "attention rollout (ViTs; class-agnostic)", requires=VIT_ONLY)
+@attribution_method("rollout", ("input",), "attention rollout (ViTs; class-agnostic)", requires=VIT_ONLY, grid_models=False)
 def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
     """(B, H, W) attention rollout maps; ``targets`` are checked, not used (rollout ignores the
     class), so the rows of one image (a grid's targets) share one computation."""
@@ -101,7 +102,7 @@ def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer:
     return _patch_map(relevance, images).repeat_interleave(k, dim=0)
 
 
-@attribution_method("attention_grad", ("input",), "gradient-weighted attention, Chefer et al. 2021b (ViTs)", requires=VIT_ONLY)
+@attribution_method("attention_grad", ("input",), "gradient-weighted attention, Chefer et al. 2021b (ViTs)", requires=VIT_ONLY, grid_models=False)
 def attention_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
     """(B, H, W) maps of Chefer et al.'s rule ``R <- R + mean_h (grad A * A)+ R``. Rows of one
     image (a grid's targets) share its forward pass: one backward pass per target position."""

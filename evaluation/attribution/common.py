@@ -65,6 +65,8 @@ class AttributionMethod:
             BCE probes, softmax for CE probes; REFERENCE section 4).
         refuses: model :data:`TRAITS` the method does not apply to, each with the reason.
         requires: model :data:`TRAITS` the method needs, each with the reason.
+        grid_models: whether the method explains the DiFull / DiPart grid models too (False: it
+            reads the plain model's own structure, as attention rollout does).
     """
 
     name: str
@@ -74,6 +76,7 @@ class AttributionMethod:
     uses_probabilities: bool = False
     refuses: tuple[tuple[str, str], ...] = ()
     requires: tuple[tuple[str, str], ...] = ()
+    grid_models: bool = True
 
     def refusal(self, traits) -> str | None:
         """Why the method does not apply to a model with ``traits``, or None if it does."""
@@ -106,12 +109,13 @@ def attribution_method(
     uses_probabilities: bool = False,
     refuses: tuple[tuple[str, str], ...] = (),
     requires: tuple[tuple[str, str], ...] = (),
+    grid_models: bool = True,
 ):
     """Decorator that registers ``fn(model, images, targets, layer, activation=None, ...)`` as the
     attribution method ``name``, beside its code (see :class:`AttributionMethod` for the rest)."""
 
     def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS.register(name)(AttributionMethod(name, fn, layers, description, uses_probabilities, refuses, requires))
+        METHODS.register(name)(AttributionMethod(name, fn, layers, description, uses_probabilities, refuses, requires, grid_models))
         return fn
 
     return add
