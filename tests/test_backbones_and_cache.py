@@ -153,10 +153,13 @@ def test_feature_cache_keeps_splits_of_one_name_apart():
 
 CACHE_WORKER = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_backbones_and_cache import _tiny_split, _untrained_backbone
 from probing.features import cached_features
-while time.time() < {start}:  # both ask at the same moment
+barrier = Path({barrier!r})
+(barrier / sys.argv[1]).touch()
+while len(list(barrier.iterdir())) < 2:  # both ask at the same moment, once both have imported
     time.sleep(0.001)
 log = []
 cached_features(_untrained_backbone(), _tiny_split(), "tiny", "train", log=log.append)
@@ -166,11 +169,10 @@ print("\\n".join(log))
 
 def test_concurrent_requests_compute_the_features_once(tmp_path):
     """Two processes ask for the same features at once: one computes, the other waits and reads."""
-    import time
-
-    code = CACHE_WORKER.format(tests=str(Path(__file__).parent), start=time.time() + 8)
+    (tmp_path / "ready").mkdir()
+    code = CACHE_WORKER.format(tests=str(Path(__file__).parent), barrier=str(tmp_path / "ready"))
     env = {**os.environ, "PROBESWEEP_CACHE": str(tmp_path / "cache")}
-    workers = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stdout=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outputs = [w.communicate(timeout=120)[0] for w in workers]
     finally:

@@ -35,7 +35,7 @@ SPEC = {
     "evaluate": {
         "methods": ["ixg", "gradcam"],
         "layers": ["input", "final"],
-        "metrics": ["gridpg", "difull", "compactness", "deletion", "insertion"],
+        "metrics": ["gridpg", "difull", "compactness", "complexity", "deletion", "insertion"],
         "n_grids": 8,
         "confidence": 0.8,
         # raw maps: DiFull's "a gradient method scores 1" holds before smoothing (the reference's
@@ -44,7 +44,7 @@ SPEC = {
     },
     "tracking": {"experiment": "e2e"},
 }
-SCORED = ("gridpg/", "difull/", "compactness/", "deletion/", "insertion/")
+SCORED = ("gridpg/", "difull/", "compactness/", "complexity/", "deletion/", "insertion/")
 FINAL_METRICS = {
     "val/accuracy", "grids/count", "gridpg/ixg/input", "gridpg/ixg/final", "gridpg/gradcam/final", "difull/ixg/input"
 }
@@ -129,7 +129,7 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("gridpg/", "difull/")))
         scores = [k for k in metrics if k.startswith(SCORED) and k.count("/") == 2]
         # the interval is about the score (up to the float sums of the resampled means)
-        assert len(scores) == 15 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
+        assert len(scores) == 18 and all(metrics[f"{k}/ci_low"] - 1e-6 <= metrics[k] <= metrics[f"{k}/ci_high"] + 1e-6 for k in scores)
         stored = {a.path for a in client.list_artifacts(child.info.run_id, "scores")}
         assert stored == {f"scores/{metric[:-1]}.csv.gz" for metric in SCORED}
         assert 0 < metrics["compactness/ixg/input"] < 1

@@ -54,8 +54,11 @@ def test_voc_sweep_scores_epg_and_the_pointing_game_against_the_boxes(tmp_path):
         # left the probe at 0.6 val accuracy, and its maps diffuse (measured: EPG 0.26 vs 0.36 at 10)
         "train": {"epochs": 10, "lr": 0.05},
         # raw maps (smoothing none): the reference's 129 px Gaussian would spread them over these 32 px images
-        # the attention methods explain the ViT only: left out of the ResNet's trial (refused: skip)
-        "evaluate": {"methods": ["ixg", "gradcam", "rollout", "attention_grad"], "layers": ["input", "final"],
+        # every method of issue 19 in a sweep; the attention methods explain the ViT only: left
+        # out of the ResNet's trial (refused: skip)
+        "evaluate": {"methods": ["ixg", "gradcam", "grad", "gradcampp", "layercam", "ablationcam", "rise", "rollout",
+                                 "attention_grad", "attnlrp"],
+                     "layers": ["input", "final"], "method_options": {"rise": {"n_masks": 64}},
                      "metrics": ["epg", "pointing_game"], "n_images": 8, "smoothing": "none", "refused": "skip"},
         "tracking": {"experiment": "voc"},
     }
@@ -66,10 +69,12 @@ def test_voc_sweep_scores_epg_and_the_pointing_game_against_the_boxes(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("voc").experiment_id])
     children = {r.data.params["backbone.name"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     child, vit = children["tiny_resnet_sup"], children["tiny_vit_sup"]
-    assert child.data.tags["methods_left_out"] == "rollout, attention_grad" and "methods_left_out" not in vit.data.tags
-    for key in ("rollout/input", "attention_grad/input", "ixg/input", "gradcam/final"):
+    assert child.data.tags["methods_left_out"] == "rollout, attention_grad, attnlrp" and "methods_left_out" not in vit.data.tags
+    for key in ("rollout/input", "attention_grad/input", "attnlrp/input", "ixg/input", "gradcam/final"):
         for metric in ("epg", "pointing_game"):
             assert vit.info.status == "FINISHED" and 0.0 <= vit.data.metrics[f"{metric}/{key}"] <= 1.0
+    for key in ("grad/input", "grad/final", "gradcampp/final", "layercam/final", "ablationcam/final", "rise/input"):
+        assert 0.0 <= child.data.metrics[f"epg/{key}"] <= 1.0 and 0.0 <= child.data.metrics[f"pointing_game/{key}"] <= 1.0
     metrics = child.data.metrics
     assert child.info.status == "FINISHED" and metrics["epg/rows"] == 8.0 and metrics["val/accuracy"] > 0.9
     for key in ("epg/ixg/input", "epg/ixg/final", "epg/gradcam/final"):
