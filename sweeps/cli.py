@@ -69,9 +69,10 @@ def _print_results(
     links, the seed replicates, paired effects and agreement of methods, how to open the UI; with
     ``output``, also ``summary.csv``, ``pareto.png`` and the files of
     :func:`sweeps.report.analysis_files` there. ``analysis``: the stored scores' analysis when the
-    caller has it (the end of ``run`` does: the summary made it), else it is read here. On a terminal the
-    table leaves out the metric columns that do not fit (and says so) unless ``wide``; written to
-    a file or pipe it has them all. ``group_by``: a table of each column's groups after it."""
+    caller has it (the end of ``run`` does: the summary made it), else it is read here. On a
+    terminal the table leaves out the metric columns that do not fit (and says so) unless
+    ``wide``; written to a file or pipe it has them all. ``group_by``: a table of each column's
+    groups after it."""
     from mlflow import MlflowClient
     from rich.console import Console
 
@@ -121,7 +122,7 @@ def _print_results(
         try:
             analysis = sweep_analysis(uri, parent_run_id)
         except Exception as err:  # the stored rows are artifacts: a store may hold the runs but not reach them
-            console.print(f"no effects or replicates: the trials' stored scores could not be read ({err})", highlight=False, soft_wrap=True)
+            console.print(f"no effects, replicates or agreement: the trials' stored scores could not be read ({err})", highlight=False, soft_wrap=True)
             analysis = SweepAnalysis()
     effects = analysis.effects
     if analysis.replicates:

@@ -143,7 +143,7 @@ def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_
     client.set_terminated(parent, "FINISHED")
     result = _cli("report", "unreadable-1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "│ aaa" in result.stdout and "no effects or replicates: the trials' stored scores could not be read" in result.stdout
+    assert "│ aaa" in result.stdout and "no effects, replicates or agreement: the trials' stored scores could not be read" in result.stdout
     assert "gridpg.csv.gz: not a score table" in result.stdout
 
 
