@@ -32,9 +32,10 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest
 
-# the development loop: no Ray, no servers, no browser (tests marked slow are left out)
+# the development loop: no Ray, no servers, no browser, no full-size network (tests marked slow or
+# full_size are left out; make test runs them)
 test-fast: install-test
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not full_size"
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts ray_results

@@ -40,7 +40,14 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+FULL_SIZE = {"resnet50", "vgg11", "vgg16", "bcos_resnet50", "clip_resnet50", "vit_b_16", "vit_b_16_dino", "vit_s_16_dino"}
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.full_size) if n in FULL_SIZE else n for n in names]
+
+
+@pytest.mark.parametrize("family", _params(FAMILIES))
 def test_every_method_runs_at_every_layer_it_declares_or_is_refused(family):
     torch.manual_seed(1)
     backbone = FAMILIES[family]().eval().requires_grad_(False)
@@ -64,7 +71,7 @@ def test_every_method_runs_at_every_layer_it_declares_or_is_refused(family):
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", _params(list_backbones()))
 def test_registered_traits_are_those_of_the_built_network(name):
     entry = BACKBONES.get(name)
     assert entry.traits == model_traits(entry.build())

@@ -90,6 +90,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
         create_backbone("resnet18", weights=str(path))
 
 
+@pytest.mark.full_size
 def test_vgg11_layers_follow_ml_att(tmp_path):
     reference = _perturbed(torchvision.models.vgg11())
     path = tmp_path / "vgg11.pth"
@@ -102,6 +103,7 @@ def test_vgg11_layers_follow_ml_att(tmp_path):
     assert torch.allclose(backbone(x), reference.features(x), atol=1e-5) and backbone.out_channels == 512
 
 
+@pytest.mark.full_size
 def test_vgg16_middle_layer_is_at_stride_8_like_vgg11s():
     from probing.backbones import BACKBONES
 
@@ -112,6 +114,7 @@ def test_vgg16_middle_layer_is_at_stride_8_like_vgg11s():
     assert isinstance(backbone.stages[0][-1], torch.nn.ReLU) and isinstance(backbone.stages[0][-2], torch.nn.Conv2d)
 
 
+@pytest.mark.full_size
 def test_vit_b_16_gives_a_patch_map_a_middle_layer_that_keeps_the_class_token_and_reads_grids(tmp_path):
     reference = torchvision.models.vit_b_16().eval()
     path = tmp_path / "vit.pth"
@@ -143,6 +146,7 @@ def test_vit_b_16_gives_a_patch_map_a_middle_layer_that_keeps_the_class_token_an
         backbone(torch.rand(1, 3, 224, 200))
 
 
+@pytest.mark.full_size
 def test_bcos_resnet50_checkpoint_loads_with_its_6_channel_input(tmp_path):
     from bcos.models.pretrained import resnet50
 
@@ -172,6 +176,7 @@ def test_a_full_dino_training_checkpoint_with_its_argparse_args_loads(tmp_path):
     assert torch.allclose(backbone(x), _resnet18_features(reference, x), atol=1e-5)
 
 
+@pytest.mark.full_size
 @pytest.mark.parametrize("tag, file", [("IMAGENET1K_V1", "resnet50-0676ba61.pth"), ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth")])
 def test_a_torchvision_weights_tag_reads_that_file_from_the_hub_cache_and_names_it(tmp_path, monkeypatch, tag, file):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -230,6 +235,7 @@ def _clip_reference(state: dict, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@pytest.mark.full_size
 def test_clip_resnet50_loads_openais_layout_without_its_attention_pool(tmp_path):
     state = _clip_state()
     torch.save(state, tmp_path / "RN50-state.pt")
@@ -244,6 +250,7 @@ def test_clip_resnet50_loads_openais_layout_without_its_attention_pool(tmp_path)
     assert backbone(x).shape == (2, 2048, 2, 2)
 
 
+@pytest.mark.full_size
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates tracing and saving TorchScript: OpenAI's format
 def test_clip_resnet50_reads_openais_torchscript_archive(tmp_path):
     from probing.clip_resnet import ClipResNet
@@ -305,7 +312,7 @@ class _DinoViT(torch.nn.Module):
         return self.norm(x)
 
 
-@pytest.mark.parametrize("name, dim, heads", [("vit_s_16_dino", 384, 6), ("vit_b_16_dino", 768, 12)])
+@pytest.mark.parametrize("name, dim, heads", [("vit_s_16_dino", 384, 6), pytest.param("vit_b_16_dino", 768, 12, marks=pytest.mark.full_size)])
 def test_dino_vits_load_dinos_key_layout(tmp_path, name, dim, heads):
     torch.manual_seed(0)
     reference = _DinoViT(dim, heads).eval()
