@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 
 from sweeps.effects import TrialScores
 
-__all__ = ["Agreement", "agreement_csv", "agreement_figure", "method_agreement", "spearman"]
+__all__ = ["Agreement", "agreement_csv", "agreement_figure", "agreement_matrix", "method_agreement", "spearman"]
 
 SMOOTHING = "smoothing"
 MIN_UNITS = 3  # a rank correlation over fewer units says nothing
@@ -98,6 +98,19 @@ def agreement_csv(rows: Sequence[Agreement]) -> str:
     return "\n".join(["metric,a,b,spearman,probes,units", *lines]) + "\n"
 
 
+def agreement_matrix(rows: Sequence[Agreement], metric: str) -> tuple[list[str], np.ndarray]:
+    """One metric's columns in order of appearance and their symmetric rho matrix (1 on the
+    diagonal, NaN where no probe had both columns)."""
+    mine = [r for r in rows if r.metric == metric]
+    labels = list(dict.fromkeys(label for r in mine for label in (r.a, r.b)))
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.full((len(labels), len(labels)), np.nan)
+    np.fill_diagonal(matrix, 1.0)
+    for r in mine:
+        matrix[index[r.a], index[r.b]] = matrix[index[r.b], index[r.a]] = r.rho
+    return labels, matrix
+
+
 def agreement_figure(rows: Sequence[Agreement], metric: str, title: str = ""):
     """A heat map of one metric's agreements (Spearman's rho, -1 blue to 1 red; blank where no
     probe had both columns), each cell labelled with its value."""
@@ -106,13 +119,7 @@ def agreement_figure(rows: Sequence[Agreement], metric: str, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [r for r in rows if r.metric == metric]
-    labels = list(dict.fromkeys(label for r in mine for label in (r.a, r.b)))
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = np.full((len(labels), len(labels)), np.nan)
-    np.fill_diagonal(matrix, 1.0)
-    for r in mine:
-        matrix[index[r.a], index[r.b]] = matrix[index[r.b], index[r.a]] = r.rho
+    labels, matrix = agreement_matrix(rows, metric)
     size = 2.5 + 0.6 * len(labels)
     figure, axes = plt.subplots(figsize=(size + 1.5, size), dpi=100)
     image = axes.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)

@@ -15,7 +15,7 @@ from typing import Sequence
 from mlflow import MlflowClient
 
 from evaluation.metrics import METRICS
-from sweeps.agreement import Agreement, agreement_csv, agreement_figure, method_agreement
+from sweeps.agreement import Agreement, agreement_csv, agreement_figure, agreement_matrix, method_agreement
 from sweeps.effects import Effect, effects_csv, forest_figure, load_trial_scores, paired_effects, replicate_scores
 from sweeps.run_params import head_of, run_params
 
@@ -301,15 +301,13 @@ def render_agreement(rows: Sequence[Agreement], metric: str):
     """A rich Table of one metric's agreements: Spearman's rho of each two columns (mean over probes)."""
     from rich.table import Table
 
-    mine = [r for r in rows if r.metric == metric]
-    labels = list(dict.fromkeys(label for r in mine for label in (r.a, r.b)))
-    rho = {(r.a, r.b): r.rho for r in mine} | {(r.b, r.a): r.rho for r in mine}
+    labels, matrix = agreement_matrix(rows, metric)
     table = Table(title=f"{metric}: agreement (Spearman's rho over the units both rank, mean over probes)")
     table.add_column("")
     for label in labels:
         table.add_column(label, justify="right")
-    for a in labels:
-        table.add_row(a, *("1" if a == b else f"{rho[(a, b)]:+.2f}" if (a, b) in rho else "-" for b in labels))
+    for i, a in enumerate(labels):
+        table.add_row(a, *("1" if i == j else "-" if math.isnan(v) else f"{v:+.2f}" for j, v in enumerate(matrix[i])))
     return table
 
 

@@ -224,3 +224,14 @@ def test_attnlrp_equals_its_rules_written_out_per_image():
         logit = model.head(patches)[0, targets[b]]
         (grad,) = torch.autograd.grad(logit, xi)
         torch.testing.assert_close(maps[b], (xi * grad).sum(dim=1)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_methods_of_the_plain_model_refuse_a_grid_model(vit_model):
+    from evaluation.grid_models import grid_model
+
+    x = vit_model.preprocess(torch.rand(1, 3, 64, 64, dtype=torch.float64))
+    difull = grid_model("difull", vit_model, 2, torch.tensor([0]))
+    for method in ("rollout", "attention_grad"):
+        with pytest.raises(ValueError, match=f"method '{method}' explains the plain model: score it with gridpg or epg"):
+            create_method(method)(difull, x, torch.tensor([1]))
+    assert create_method("attnlrp")(difull, x, torch.tensor([1])).shape == (1, 64, 64)  # LRP explains grid models

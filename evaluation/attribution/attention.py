@@ -81,16 +81,10 @@ def _patch_map(relevance: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return to_image_size(patches.reshape(len(patches), side, side), images.shape[-2:])
 
 
-def _refuse_grid_models(model) -> None:
-    if hasattr(model, "rows"):  # DiFull / DiPart grid models run the backbone per cell
-        raise ValueError("attention methods explain the plain model: score them with gridpg or epg, not difull or dipart")
-
-
 @attribution_method("rollout", ("input",), "attention rollout (ViTs; class-agnostic)", requires=VIT_ONLY, grid_models=False)
 def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
     """(B, H, W) attention rollout maps; ``targets`` are checked, not used (rollout ignores the
     class), so the rows of one image (a grid's targets) share one computation."""
-    _refuse_grid_models(model)
     k = repeated_rows(images)
     distinct = images[::k]
     with torch.no_grad(), recorded_attention(model) as records:
@@ -106,7 +100,6 @@ def attention_rollout(model, images: torch.Tensor, targets: torch.Tensor, layer:
 def attention_gradient(model, images: torch.Tensor, targets: torch.Tensor, layer: str = "input", activation=None) -> torch.Tensor:
     """(B, H, W) maps of Chefer et al.'s rule ``R <- R + mean_h (grad A * A)+ R``. Rows of one
     image (a grid's targets) share its forward pass: one backward pass per target position."""
-    _refuse_grid_models(model)
     k = repeated_rows(images)
     distinct = images[::k]
     maps = []

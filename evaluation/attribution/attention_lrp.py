@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.attribution.attention import VIT_ONLY, explicit_attention
-from evaluation.attribution.common import attribution_method, repeated_rows, select_targets
+from evaluation.attribution.common import attribution_method, repeated_rows, shared_forward_gradients
 
 __all__ = ["attention_lrp", "lrp_rules"]
 
@@ -78,12 +78,6 @@ def attention_lrp(model, images: torch.Tensor, targets: torch.Tensor, layer: str
     """(B, H, W) relevance maps at the input: input x modified gradient of the target logit,
     summed over channels. Rows of one image share its forward pass."""
     k = 1 if hasattr(model, "rows") else repeated_rows(images)  # grid models tie each row to its cell
-    distinct = images[::k].detach().requires_grad_(True)
-    with torch.enable_grad(), lrp_rules(model):
-        logits = model(distinct)
-        select_targets(logits.repeat_interleave(k, dim=0), targets)  # checks every row's target
-        maps = [
-            (distinct * torch.autograd.grad(select_targets(logits, targets[r::k]).sum(), distinct, retain_graph=r < k - 1)[0]).sum(dim=1)
-            for r in range(k)
-        ]
-    return torch.stack(maps, dim=1).flatten(0, 1).detach()
+    with lrp_rules(model):
+        gradients = shared_forward_gradients(model, images[::k], targets, k)
+    return (images * gradients).sum(dim=1).detach()

@@ -94,6 +94,8 @@ class AttributionMethod:
         refused = self.refusal(model_traits(model))
         if refused:
             raise ValueError(refused)
+        if not self.grid_models and hasattr(model, "rows"):  # DiFull / DiPart run the backbone per cell or crop it
+            raise ValueError(f"method {self.name!r} explains the plain model: score it with gridpg or epg, not difull or dipart")
         return self.fn(model, images, targets, layer=layer, **opts)
 
 
