@@ -6,7 +6,8 @@ formula per image and target on the attention ``nn.MultiheadAttention`` returns 
 (``need_weights``): one forward per target for rollout, a forward and a backward per target for
 the gradient-weighted rule. The batched methods (``evaluation.attribution.attention``) run one
 forward per grid for all its targets (rollout: one map serves them all, it ignores the class;
-attention_grad and attnlrp: one backward pass per target). Both must give the same maps.
+attention_grad, attnlrp and cgw1: one backward pass per target; vitcx: one set of masks and masked
+forwards per grid, every target read from their probabilities). Both must give the same maps.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295 \\
         .venv/bin/python bench/vit_methods.py [--grids 2]
@@ -29,7 +30,8 @@ from probing.heads import create_head
 from probing.model import ProbedModel
 from probing.zoo import staged_backbone
 
-METHODS = ("rollout", "attention_grad", "attnlrp")
+METHODS = ("rollout", "attention_grad", "attnlrp", "cgw1", "vitcx")
+ROW_ALONE = ("attnlrp", "cgw1", "vitcx")  # their naive loop: the method called on each row alone
 
 
 def _model() -> ProbedModel:
@@ -73,9 +75,9 @@ def _attention(model, x: torch.Tensor, target: int | None):
 
 
 def _naive(method: str, model, x: torch.Tensor, target: int) -> torch.Tensor:
-    """One image, one target: the method's formula on torch's own attention (AttnLRP: the method
-    called on that row alone, its rules being a forward and a backward pass)."""
-    if method == "attnlrp":
+    """One image, one target: the method's formula on torch's own attention (AttnLRP, CGW1 and
+    ViT-CX: the method called on that row alone; their own tests compare them with the formulas)."""
+    if method in ROW_ALONE:
         return create_method(method)(model, x, torch.tensor([target]))
     attention, gradients = _attention(model, x, None if method == "rollout" else target)
     tokens = attention[0].shape[-1]

@@ -108,7 +108,8 @@ def evaluate_gridpg(
             used for the confidence filter and by the methods that use them.
         methods, layers: names from the attribution registry and the ML-Att layers; pairs where
             a method is undefined (Grad-CAM at the input) are skipped, and so are DiFull and
-            DiPart for methods that explain the plain model only (rollout, attention_grad).
+            DiPart for methods that explain the plain model only (``grid_models=False``: rollout,
+            attention_grad, cgw1, vitcx).
         grid (int): n for n x n grids. n_grids (int): candidate grids, drawn by ``seed`` from
             the images whatever the probe (:func:`evaluation.grids.candidate_grids`). The
             candidates whose every cell the probe classifies correctly (top-1) are explained and

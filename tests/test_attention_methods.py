@@ -1,6 +1,7 @@
 """Attention rollout and Chefer et al.'s gradient-weighted attention on a 2-block ViT, against the
 formulas written out per image on the attention torch's own nn.MultiheadAttention returns."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ def test_attention_methods_refuse_convolutional_models_and_other_layers(vit_mode
     backbone = tiny_resnet()
     cnn = ProbedModel(backbone, create_head("linear", backbone.out_channels, 5)).eval()
     x = cnn.preprocess(torch.rand(1, 3, 32, 32))
-    for method in ("rollout", "attention_grad"):
+    for method in ("rollout", "attention_grad", "cgw1"):
         with pytest.raises(ValueError, match=f"method '{method}' applies only to models with a vision transformer"):
             create_method(method)(cnn, x, torch.tensor([1]))
         with pytest.raises(ValueError, match="is not defined at layer 'final'"):
@@ -125,7 +126,7 @@ def test_the_targets_of_one_image_share_its_forward_and_give_each_rows_own_map(v
     images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     x = vit_model.preprocess(images).repeat_interleave(3, dim=0)  # three targets per image, as a grid's
     targets = torch.tensor([0, 1, 2, 3, 4, 0])
-    for method in ("rollout", "attention_grad"):
+    for method in ("rollout", "attention_grad", "cgw1"):
         shared = create_method(method)(vit_model, x, targets)
         alone = torch.cat([create_method(method)(vit_model, x[i : i + 1], targets[i : i + 1]) for i in range(6)])
         torch.testing.assert_close(shared, alone, rtol=1e-9, atol=1e-12)
@@ -192,38 +193,74 @@ def test_attnlrp_conserves_the_logit_where_plain_input_x_gradient_does_not():
     torch.testing.assert_close(model(x)[torch.arange(3), targets], logits)
 
 
-def test_attnlrp_equals_its_rules_written_out_per_image():
-    """The same network evaluated by hand with each rule as a formula, per image and target."""
-    model = _bias_free_vit_model()
+def _logit_under_lrp_rules(model, xi, target, probabilities=lambda p: p.detach()):
+    """The network evaluated by hand with each LRP rule as a formula (one image): the standard
+    deviation held constant, GELU's gradient gelu(x) / x, the attention probabilities constant
+    (``probabilities``: what each block's attention product uses in their place)."""
     vit_blocks = [m for m in model.modules() if type(m).__name__ == "EncoderBlock"]
-    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    x = model.preprocess(images)
-    targets = torch.tensor([1, 3])
-    maps = create_method("attnlrp")(model, x, targets)
     embed, final = model.backbone.stages[0], model.backbone.stages[-1]
 
     def norm(ln, t):  # the standard deviation held constant
         c = t - t.mean(-1, keepdim=True)
         return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + ln.eps).detach() * ln.weight + ln.bias
 
-    def attention(mha, t):  # probabilities constant
+    def attention(mha, t):
         q, k, v = F.linear(t, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
         split = lambda z: z.reshape(1, 17, 2, 8).transpose(1, 2)  # noqa: E731
-        probs = torch.softmax(split(q) @ split(k).transpose(-2, -1) / 8**0.5, dim=-1).detach()
+        probs = probabilities(torch.softmax(split(q) @ split(k).transpose(-2, -1) / 8**0.5, dim=-1))
         return mha.out_proj((probs @ split(v)).transpose(1, 2).reshape(1, 17, 16))
 
+    tokens = embed(xi)
+    for block in vit_blocks:
+        tokens = tokens + attention(block.self_attention, norm(block.ln_1, tokens))
+        hidden = block.mlp[0](norm(block.ln_2, tokens))
+        gelu = F.gelu(hidden)
+        tokens = tokens + block.mlp[3](hidden * (gelu / hidden).detach())
+    patches = norm(final.norm, tokens)[:, 1:].transpose(1, 2).reshape(1, 16, 4, 4)
+    return model.head(patches)[0, target]
+
+
+def test_attnlrp_equals_its_rules_written_out_per_image():
+    """The same network evaluated by hand with each rule as a formula, per image and target."""
+    model = _bias_free_vit_model()
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    x = model.preprocess(images)
+    targets = torch.tensor([1, 3])
+    maps = create_method("attnlrp")(model, x, targets)
     for b in range(2):
         xi = x[b : b + 1].clone().requires_grad_(True)
-        tokens = embed(xi)
-        for block in vit_blocks:
-            tokens = tokens + attention(block.self_attention, norm(block.ln_1, tokens))
-            hidden = block.mlp[0](norm(block.ln_2, tokens))
-            gelu = F.gelu(hidden)
-            tokens = tokens + block.mlp[3](hidden * (gelu / hidden).detach())
-        patches = norm(final.norm, tokens)[:, 1:].transpose(1, 2).reshape(1, 16, 4, 4)
-        logit = model.head(patches)[0, targets[b]]
-        (grad,) = torch.autograd.grad(logit, xi)
+        (grad,) = torch.autograd.grad(_logit_under_lrp_rules(model, xi, targets[b]), xi)
         torch.testing.assert_close(maps[b], (xi * grad).sum(dim=1)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_cgw1_weights_the_attentions_lrp_relevance_by_its_gradient_per_image(vit_model):
+    """Chefer et al. 2021a per image and target: R_A = 0.5 A * dz/dA / z under the LRP rules (the
+    network by hand; relevance 1 at the logit z), the plain gradient from nn.MultiheadAttention's own attention, then
+    I + mean_h (grad * R_A)+ with rows normalised, multiplied over the blocks."""
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x = vit_model.preprocess(images).repeat_interleave(2, dim=0)  # two targets per image, as a grid's
+    targets = torch.tensor([0, 3, 2, 2])
+    maps = create_method("cgw1")(vit_model, x, targets)
+    attention, gradients = _torch_attention(vit_model, x, targets)
+    eye = torch.eye(17, dtype=torch.float64)
+    for b in range(4):
+        leaves = []
+
+        def leaf(p):
+            leaves.append(p.detach().requires_grad_(True))
+            return leaves[-1]
+
+        logit = _logit_under_lrp_rules(vit_model, x[b : b + 1], targets[b], leaf)
+        lrp_gradients = torch.autograd.grad(logit, leaves)
+        relevance = eye
+        for probs, grad, leaf_probs, lrp_grad in zip(attention, gradients, leaves, lrp_gradients):
+            torch.testing.assert_close(leaf_probs[0], probs[b])
+            relevance_of_attention = 0.5 * probs[b] * lrp_grad[0] / logit  # relevance 1 at the logit
+            a = eye + (grad[b] * relevance_of_attention).clamp(min=0).mean(dim=0)
+            relevance = (a / a.sum(dim=-1, keepdim=True)) @ relevance
+        torch.testing.assert_close(maps[b], _patch_map(relevance, (32, 32)))
+    assert not torch.equal(maps[0], maps[1])  # class-specific
+    assert not any("forward" in vars(m) for m in vit_model.modules())  # rules and records gone
 
 
 def test_methods_of_the_plain_model_refuse_a_grid_model(vit_model):
@@ -231,7 +268,59 @@ def test_methods_of_the_plain_model_refuse_a_grid_model(vit_model):
 
     x = vit_model.preprocess(torch.rand(1, 3, 64, 64, dtype=torch.float64))
     difull = grid_model("difull", vit_model, 2, torch.tensor([0]))
-    for method in ("rollout", "attention_grad"):
+    for method in ("rollout", "attention_grad", "cgw1"):
         with pytest.raises(ValueError, match=f"method '{method}' explains the plain model: score it with gridpg or epg"):
             create_method(method)(difull, x, torch.tensor([1]))
     assert create_method("attnlrp")(difull, x, torch.tensor([1])).shape == (1, 64, 64)  # LRP explains grid models
+
+
+def _vit_cx_reference(model, image, target, threshold=0.1, noise=0.1, seed=0):
+    """ViT-CX for one image and target as the reference code computes it (ViT_CX.py and
+    causal_score.py of vaynexie/CausalX-ViT), a mask at a time, with scipy's complete linkage in
+    place of sklearn's, and softmax probabilities."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    seen = []
+    last = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)][-1]
+    handle = last.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        class_p = model(image[None]).softmax(dim=1)[0, target]
+    handle.remove()
+    feature_map = seen[0][0, 1:].T.reshape(-1, 4, 4)  # reshape_function_vit: patch tokens, (D, h, w)
+    feature_map = F.interpolate(feature_map[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    rows = feature_map.reshape(len(feature_map), -1)
+    mask = (rows - rows.min(1).values[:, None]) / (rows.max(1).values - rows.min(1).values)[:, None]  # norm_matrix
+    similarity = (mask @ mask.T) / (mask.norm(dim=1)[:, None] * mask.norm(dim=1)[None])
+    distance = (1 - similarity).numpy()
+    np.fill_diagonal(distance, 0)
+    labels = fcluster(linkage(squareform(distance, checks=False), method="complete"), t=threshold, criterion="distance")
+    first_seen = list(dict.fromkeys(labels.tolist()))  # clusters in the order of their first map
+    clusters = torch.stack([mask[torch.as_tensor(labels == c)].sum(dim=0) for c in first_seen])
+    clusters = (clusters - clusters.min(1).values[:, None]) / (clusters.max(1).values - clusters.min(1).values)[:, None]
+    masks = clusters.reshape(-1, 1, 32, 32)
+    n = len(masks)
+    sal = torch.zeros(32, 32, dtype=torch.float64)
+    for i in range(n):
+        noise_i = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed * 1_000_003 + i), dtype=torch.float64) * noise
+        noise_to_add = noise_i * (1 - masks[i])
+        with torch.no_grad():
+            p_mask = model((image * masks[i] + noise_to_add)[None]).softmax(dim=1)[0, target]
+            p_orig = model((image + noise_to_add)[None]).softmax(dim=1)[0, target]
+        sal += (p_mask - p_orig + class_p) * (masks[i, 0] / masks[:, 0].sum(dim=0))
+    return sal / n, n
+
+
+def test_vit_cx_equals_the_reference_computed_a_mask_at_a_time(vit_model):
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    x = vit_model.preprocess(images).repeat_interleave(2, dim=0)  # two targets per image, as a grid's
+    targets = torch.tensor([0, 3, 2, 2])
+    maps = create_method("vitcx")(vit_model, x, targets, probabilities=lambda z: z.softmax(dim=1), internal_batch_size=3)
+    for b in range(4):
+        expected, n_masks = _vit_cx_reference(vit_model, x[b], int(targets[b]))
+        assert 1 < n_masks < 16  # the 16 maps were clustered, not all alone nor all in one
+        torch.testing.assert_close(maps[b], expected, rtol=1e-7, atol=1e-10)
+    alone = create_method("vitcx")(vit_model, x[1:2], targets[1:2], probabilities=lambda z: z.softmax(dim=1))
+    torch.testing.assert_close(alone[0], maps[1], rtol=1e-9, atol=1e-12)  # batch size and neighbours change nothing
+    with pytest.raises(ValueError, match="distance_threshold"):
+        create_method("vitcx")(vit_model, x[:1], targets[:1], distance_threshold=-1.0)

@@ -262,7 +262,7 @@ def test_method_refuses_a_layer_where_it_is_undefined(model, inputs):
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are ablationcam, attention_grad, attnlrp, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam; did you mean 'ixg'"):
+    with pytest.raises(ValueError, match="unknown attribution method 'ixgg': known are ablationcam, attention_grad, attnlrp, bcos, cgw1, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam, vitcx; did you mean 'ixg'"):
         create_method("ixgg")
 
 

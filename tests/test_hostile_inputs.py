@@ -98,7 +98,7 @@ SPEC_CASES = [
     ('evaluate.confidence', NAN, 'evaluate.confidence: must be a finite number, got nan'),
     ('evaluate.methods', [], 'evaluate.methods: must not be empty'),
     ('evaluate.methods', ['ixg', 'ixg'], "evaluate.methods: values repeat: ['ixg', 'ixg']"),
-    ('evaluate.methods', ['shap'], "evaluate.methods[0]: unknown attribution method 'shap': known are ablationcam, attention_grad, attnlrp, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam"),
+    ('evaluate.methods', ['shap'], "evaluate.methods[0]: unknown attribution method 'shap': known are ablationcam, attention_grad, attnlrp, bcos, cgw1, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam, vitcx"),
     ('evaluate.layers', ['top'], "evaluate.layers[0]: unknown layer 'top': known are input, middle, final"),
     ('evaluate.metrics', ['auc'], "evaluate.metrics[0]: unknown metric 'auc': known are compactness, complexity, deletion, difull, dipart, epg, gridpg, insertion, pointing_game"),
     ('evaluate.metrics', ['epg'], "evaluate.metrics: 'epg' needs a data set with boxes (voc2007, coco2014), not 'digits'"),

@@ -105,8 +105,8 @@ BAD_SPECS = [
     (
         "evaluate.methods",
         ["ixg", "shap"],
-        "evaluate.methods[1]: unknown attribution method 'shap': known are ablationcam, attention_grad, attnlrp, bcos, gbp, grad, "
-        "gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam",
+        "evaluate.methods[1]: unknown attribution method 'shap': known are ablationcam, attention_grad, attnlrp, bcos, cgw1, gbp, grad, "
+        "gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam, vitcx",
     ),
     ("evaluate.grid", 1, "evaluate.grid: must be >= 2, got 1"),
     ("evaluate.confidence", 1.5, "evaluate.confidence: must be <= 1, got 1.5"),
@@ -120,7 +120,7 @@ BAD_SPECS = [
     (
         "evaluate.smoothing",
         {"igx": {"kind": "avgpool"}},
-        "evaluate.smoothing: unknown attribution method 'igx': known are ablationcam, attention_grad, attnlrp, bcos, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam; did you mean 'ixg'?",
+        "evaluate.smoothing: unknown attribution method 'igx': known are ablationcam, attention_grad, attnlrp, bcos, cgw1, gbp, grad, gradcam, gradcampp, intgrad, ixg, layercam, lime, lrp, occlusion, rise, rollout, scorecam, vitcx; did you mean 'ixg'?",
     ),
     ("evaluate.smoothing", {"ixg": {"kind": "avgpool", "kernel": 4}}, "evaluate.smoothing.ixg.kernel: must be odd, got 4"),
     ("search.algorithm", "bayes", "search.algorithm: must be one of 'grid', 'random' or 'optuna', got 'bayes'"),

@@ -57,7 +57,7 @@ def test_voc_sweep_scores_epg_and_the_pointing_game_against_the_boxes(tmp_path):
         # every method of issue 19 in a sweep; the attention methods explain the ViT only: left
         # out of the ResNet's trial (refused: skip)
         "evaluate": {"methods": ["ixg", "gradcam", "grad", "gradcampp", "layercam", "ablationcam", "rise", "rollout",
-                                 "attention_grad", "attnlrp"],
+                                 "attention_grad", "attnlrp", "cgw1", "vitcx"],
                      "layers": ["input", "final"], "method_options": {"rise": {"n_masks": 64}},
                      "metrics": ["epg", "pointing_game"], "n_images": 8, "smoothing": "none", "refused": "skip"},
         "tracking": {"experiment": "voc"},
@@ -69,8 +69,8 @@ def test_voc_sweep_scores_epg_and_the_pointing_game_against_the_boxes(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("voc").experiment_id])
     children = {r.data.params["backbone.name"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     child, vit = children["tiny_resnet_sup"], children["tiny_vit_sup"]
-    assert child.data.tags["methods_left_out"] == "rollout, attention_grad, attnlrp" and "methods_left_out" not in vit.data.tags
-    for key in ("rollout/input", "attention_grad/input", "attnlrp/input", "ixg/input", "gradcam/final"):
+    assert child.data.tags["methods_left_out"] == "rollout, attention_grad, attnlrp, cgw1, vitcx" and "methods_left_out" not in vit.data.tags
+    for key in ("rollout/input", "attention_grad/input", "attnlrp/input", "cgw1/input", "vitcx/input", "ixg/input", "gradcam/final"):
         for metric in ("epg", "pointing_game"):
             assert vit.info.status == "FINISHED" and 0.0 <= vit.data.metrics[f"{metric}/{key}"] <= 1.0
     for key in ("grad/input", "grad/final", "gradcampp/final", "layercam/final", "ablationcam/final", "rise/input"):

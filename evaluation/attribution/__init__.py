@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from evaluation.attribution.ablation_cam import ablation_cam
 from evaluation.attribution.attention import attention_gradient, attention_rollout
-from evaluation.attribution.attention_lrp import attention_lrp
+from evaluation.attribution.attention_lrp import attention_lrp, lrp_weighted_attention
 from evaluation.attribution.bcos import bcos_explanation
 from evaluation.attribution.cam_variants import grad_cam_plus_plus, layer_cam
 from evaluation.attribution.common import ALL_LAYERS, METHODS, AttributionMethod
@@ -23,6 +23,7 @@ from evaluation.attribution.lrp import NO_LRP_RULES, lrp
 from evaluation.attribution.occlusion import occlusion
 from evaluation.attribution.rise import rise, rise_masks
 from evaluation.attribution.score_cam import score_cam
+from evaluation.attribution.vit_cx import vit_cx, vit_cx_masks
 
 __all__ = [
     "ALL_LAYERS",
@@ -46,9 +47,12 @@ __all__ = [
     "grad_cam_plus_plus",
     "gradient",
     "layer_cam",
+    "lrp_weighted_attention",
     "guided_backprop",
     "input_x_gradient",
     "integrated_gradients",
+    "vit_cx",
+    "vit_cx_masks",
 ]
 
 
