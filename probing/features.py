@@ -41,17 +41,24 @@ SHARD_ROWS = 1024
 def compute_features(
     backbone: StagedBackbone,
     images,
-    batch_size: int = 256,
+    batch_size: int = 128,
     log: Callable[[str], None] | None = None,
     precision: str = "float32",
 ) -> torch.Tensor:
     """Images in [0, 1], (N, 3, H, W) (a tensor or a lazy image list) -> last feature maps (N, C, h, w)
-    on the CPU, computed on the backbone's device under autocast to ``precision`` (``float32``: none)."""
+    on the CPU, computed on the backbone's device under autocast to ``precision`` (``float32``: none).
+
+    Each batch enters the backbone in channels-last memory format, the layout oneDNN's (CPU) and
+    cuDNN's (GPU) fast convolution kernels take, so every convolution after it runs in that layout
+    (the backbone's weights are left as they are). Measured on ResNet-18, 224 px, 2 cores: 1.6x
+    the default layout's images/s (``bench/feature_extraction.py``); the features equal the default
+    layout's up to float rounding (6e-7 of their largest value)."""
     device = next(backbone.parameters()).device
     chunks = []
     for i in range(0, len(images), batch_size):
+        batch = backbone.preprocess(images[i : i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
         with extraction_autocast(device, precision):
-            chunks.append(backbone(backbone.preprocess(images[i : i + batch_size].to(device))).cpu())
+            chunks.append(backbone(batch).contiguous().cpu())
         if log is not None and len(images) > batch_size:
             log(f"  features: {min(i + batch_size, len(images))}/{len(images)} images")
     return torch.cat(chunks)

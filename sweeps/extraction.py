@@ -1,12 +1,13 @@
 """Feature extraction on the cluster, before any trial starts: Ray Data computes the missing shards
 of every backbone's features (:mod:`probing.features`).
 
-One pipeline for all backbones and splits: shard ids -> decode and transform the shard's images in
-parallel tasks -> the backbone in an actor pool (one actor per GPU when the spec gives trials GPUs,
-else one per node) that writes each shard where every node sees it (``$PROBESWEEP_CACHE``). The driver holds every cache folder's lock meanwhile, so a second sweep
-needing the same features waits for this extraction instead of repeating it, then finds it
-complete; an interrupted extraction leaves its finished shards, and the next one computes only the
-missing ones (and those that fail their checksum).
+One pipeline for all backbones and splits: shard ids -> (with GPUs: tasks on the CPUs that decode
+and transform each shard's images ->) the backbone in an actor pool (one actor per GPU; on CPU-only
+clusters one per node, holding the node's CPUs and decoding its shards itself) that writes each
+shard where every node sees it (``$PROBESWEEP_CACHE``). The driver holds every cache folder's lock
+meanwhile, so a second sweep needing the same features waits for this extraction instead of
+repeating it, then finds it complete; an interrupted extraction leaves its finished shards, and the
+next one computes only the missing ones (and those that fail their checksum).
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ def _decode_shard(batch: dict[str, np.ndarray], jobs: list[dict[str, Any]], imag
 
 
 class _ExtractShards:
-    """Ray Data actor: a shard's images -> the backbone's features, written as that shard."""
+    """Ray Data actor: a shard's images -> the backbone's features, written as that shard. With
+    ``images`` (the splits' lazy image lists) it decodes the shard itself from its id."""
 
-    def __init__(self, jobs: list[dict[str, Any]], device: str, threads: int):
+    def __init__(self, jobs: list[dict[str, Any]], device: str, threads: int, images: dict[str, Any] | None = None):
         import ray
 
         torch.set_num_threads(threads)  # this actor's process: the CPUs it holds
-        self.jobs, self.device = jobs, trial_device(device)
+        self.jobs, self.device, self.images = jobs, trial_device(device), images
         self.node = ray.get_runtime_context().get_node_id()
         self.backbones: dict[int, Any] = {}
 
@@ -66,6 +68,8 @@ class _ExtractShards:
         return self.backbones[key]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.images is not None:
+            batch = _decode_shard(batch, self.jobs, self.images)
         done = {"job": batch["job"], "shard": batch["shard"], "node": np.array([self.node]), "error": batch["error"]}
         if batch["error"][0]:
             return done
@@ -137,7 +141,7 @@ def _run(shards: list[dict[str, int]], jobs: list[dict[str, Any]], images: dict[
     if gpu:
         extractors, extract_cpus = max(1, int(ray.cluster_resources().get("GPU", 0))), 1.0
     else:
-        extractors, extract_cpus = max(1, len(nodes)), max(0.75, min(nodes or [1.0]) - 0.25)
+        extractors, extract_cpus = max(1, len(nodes)), max(1.0, min(nodes or [1.0]))
     context, data_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
     # a line per shard instead of Ray Data's bars, its log in its own file only, and every backbone
     # actor up before the first shard (else the first one up can take them all); all put back below
@@ -160,15 +164,23 @@ def _pipeline(shards, jobs, images, gpu: bool, extraction: tuple[int, float], lo
     # resumes it at the missing shards.
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a keyword it says 2.64 removes
         warnings.simplefilter("ignore", DeprecationWarning)
-        # decoding in tasks, as many at once as CPUs allow: decoded shards queue up for every backbone actor
-        dataset = dataset.map_batches(_decode_shard, fn_kwargs={"jobs": jobs, "images": images}, batch_size=1, num_cpus=0.25)
+        # On GPUs: decoding in CPU tasks, as many at once as CPUs allow, decoded shards queueing up
+        # for every GPU's actor. On CPUs the backbone actor holds its node's cores and decodes its
+        # shards itself: measured on 2 cores, tasks beside it took the same cores, added their
+        # workers' start and a copy through the object store (docs/performance-notes.md).
+        if gpu:
+            dataset = dataset.map_batches(_decode_shard, fn_kwargs={"jobs": jobs, "images": images}, batch_size=1, num_cpus=0.25)
         extractors, extract_cpus = extraction
         dataset = dataset.map_batches(
             _ExtractShards, batch_size=1, num_cpus=extract_cpus, num_gpus=1 if gpu else 0, max_restarts=0,
-            fn_constructor_kwargs={"jobs": jobs, "device": "cuda" if gpu else "cpu", "threads": max(1, round(extract_cpus))},
+            fn_constructor_kwargs={
+                "jobs": jobs, "device": "cuda" if gpu else "cpu", "threads": max(1, round(extract_cpus)),
+                "images": None if gpu else images,
+            },
             compute=ray.data.ActorPoolStrategy(size=extractors),
         )  # fmt: skip
-    log(f"  {extractors} backbone actor(s) of {extract_cpus:g} CPU{' and 1 GPU' if gpu else ''} each")
+    decoding = "" if gpu else ", decoding its shards"
+    log(f"  {extractors} backbone actor(s) of {extract_cpus:g} CPU{' and 1 GPU' if gpu else ''} each{decoding}")
     for done, row in enumerate(dataset.iter_rows(), 1):
         if row["error"]:  # the first bad input ends the extraction; the shards written so far stay
             kind, message = str(row["error"]).split(": ", 1)

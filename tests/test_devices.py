@@ -77,8 +77,13 @@ def test_bfloat16_extraction_is_close_to_float32_and_cached_apart_from_it():
     # autocast ran: bfloat16 rounds (8 bits of mantissa), but the features are the same up to that
     assert not torch.equal(half.float(), full)
     assert torch.allclose(half.float(), full, rtol=0.05, atol=0.05 * full.abs().max().item())
-    with extraction_autocast(torch.device("cpu"), "float32"):
-        assert torch.equal(backbone(backbone.preprocess(images)), full)  # float32: no autocast at all
+    with extraction_autocast(torch.device("cpu"), "float32"):  # float32: no autocast at all
+        channels_last = backbone.preprocess(images).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(backbone(channels_last), full)
+    # the channels-last batches give the default layout's features up to float rounding
+    plain = backbone(backbone.preprocess(images))
+    torch.testing.assert_close(full, plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
+    assert full.is_contiguous()
 
     class FakeSplit:
         transform, fingerprint = "center", "abc"
