@@ -112,10 +112,10 @@ def lrp_weighted_attention(model, images: torch.Tensor, targets: torch.Tensor, l
     ``R_A`` is the relevance the attention product ``A V`` passes to ``A`` under this module's
     rules, input x modified gradient, from relevance 1 at the target logit ``z`` (as theirs
     starts), and halved as Chefer et al. split a product's relevance evenly between its two
-    factors: ``R_A = 0.5 A * (dz~/dA) / z`` (``z~``: the logit under the rules); the relevance itself flows on through the
-    values only (CP-LRP), where Chefer et al.'s own LRP also passes it through the queries and
-    keys, and linear layers take the z-rule where theirs take alpha 1, beta 0. Rows of one image
-    share its two forward passes (plain and with the rules)."""
+    factors: ``R_A = 0.5 A * (dz~/dA) / z`` (``z~``: the logit under the rules). The relevance
+    itself flows on through the values only (CP-LRP), where Chefer et al.'s own LRP also passes it
+    through the queries and keys, and linear layers take the z-rule where theirs take alpha 1,
+    beta 0. Rows of one image share its two forward passes (plain and with the rules)."""
     k = repeated_rows(images)
     distinct = images[::k].detach()
     leaves: list[torch.Tensor] = []

@@ -5,7 +5,8 @@ The masks come from the ViT itself: the patch tokens entering the last block's a
 its first LayerNorm, the reference's ``blocks[-1].norm1``), one (h, w) map per embedding
 dimension, upsampled bilinearly to the image and min-max scaled. Maps closer than
 ``distance_threshold`` in cosine distance are merged by complete-linkage agglomerative clustering
-(a cluster's mask: its maps' sum, min-max scaled; clusters ordered by their first map). Each mask ``M_i`` gets the causal score
+(a cluster's mask: its maps' sum, min-max scaled; clusters ordered by their first map). Each mask
+``M_i`` gets the causal score
 ``s_i = p_t(x M_i + e_i (1 - M_i)) - p_t(x + e_i (1 - M_i)) + p_t(x)`` with Gaussian noise
 ``e_i`` (std ``noise``: 0.1), and the map is ``sum_i s_i M_i / sum_j M_j / N`` (the reference's
 correction of the pixels' coverage). ``p`` is the probe's probability function (sigmoid for BCE
