@@ -121,10 +121,10 @@ def lrp_weighted_attention(model, images: torch.Tensor, targets: torch.Tensor, l
     leaves: list[torch.Tensor] = []
     maps = []
     with torch.enable_grad():
-        with recorded_attention(model) as records:
-            logits = model(distinct.requires_grad_(True))
-        with lrp_rules(model, _attention_into(leaves)):
-            relevance_logits = model(distinct.clone().requires_grad_(True))
+        with recorded_attention(model) as records:  # (the frozen weights need no gradient: the input does)
+            logits = model(distinct.clone().requires_grad_(True))
+        with lrp_rules(model, _attention_into(leaves)):  # the leaves carry the gradient here
+            relevance_logits = model(distinct)
         select_targets(logits.repeat_interleave(k, dim=0), targets)  # checks every row's target
         for r in range(k):  # rows are independent: the sum's gradient is each row's own
             chosen = targets[r::k]
@@ -132,7 +132,8 @@ def lrp_weighted_attention(model, images: torch.Tensor, targets: torch.Tensor, l
             chosen_logits = select_targets(relevance_logits, chosen)
             lrp_gradients = torch.autograd.grad(chosen_logits.sum(), leaves, retain_graph=r < k - 1)
             # relevance 1 at the target, as Chefer et al. start: the z-rule's relevance over the logit
-            unit = 1 / (chosen_logits.detach() + TINY * torch.where(chosen_logits.detach() < 0, -1.0, 1.0))
+            z = chosen_logits.detach()
+            unit = 1 / torch.where(z < 0, z - TINY, z + TINY)
             weighted = [
                 (gradient * 0.5 * leaf.detach() * lrp_gradient * unit.view(-1, 1, 1, 1)).clamp(min=0).mean(dim=1)
                 for gradient, leaf, lrp_gradient in zip(gradients, leaves, lrp_gradients)
