@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluation.panels import Panel, heat_rgb, overlay_rgb, panel_figure
+
 __all__ = [
-    "AGGATT_PERCENTILES", "AggAtt", "aggatt_bins", "aggatt_figure", "comparison_figure", "draw_bin", "heatmap_gallery", "load_aggatt",
+    "AGGATT_PERCENTILES", "AggAtt", "aggatt_bins", "aggatt_figure", "comparison_figure", "heatmap_gallery", "load_aggatt",
     "save_aggatt", "save_examples", "load_examples", "examples_comparison_figure",
 ]
 
@@ -63,42 +65,20 @@ def aggatt_bins(maps: torch.Tensor, scores: torch.Tensor, percentiles=AGGATT_PER
     return AggAtt(stacked, counts, labels, vmax)
 
 
+def _bin_panels(aggatt: AggAtt, grid: int | None) -> list[Panel]:
+    """A panel per bin on the scale [0, vmax] with the grid's cells outlined; "no maps" where a
+    bin is empty (not a black square)."""
+    return [Panel(heat_rgb(image.float().cpu().numpy(), aggatt.vmax), cells=grid) if count else Panel(note="no maps")
+            for image, count in zip(aggatt.maps, aggatt.counts)]  # fmt: skip
+
+
 def aggatt_figure(aggatt: AggAtt, title: str = "", grid: int | None = None):
     """A matplotlib figure: one panel per bin on one colour scale [0, vmax] with its colour bar; a
-    bin with no maps is an empty, labelled panel (not a black square); ``grid``: outline the cells
-    of a ``grid`` x ``grid`` grid image."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on Ray workers
-    import matplotlib.pyplot as plt
-
-    n_bins = len(aggatt.counts)
-    figure, axes = plt.subplots(1, n_bins, figsize=(1.8 * n_bins + 0.8, 2.4), squeeze=False, layout="constrained")
-    shown = None
-    for ax, image, label, count in zip(axes[0], aggatt.maps, aggatt.labels, aggatt.counts):
-        draw_bin(ax, image, aggatt.vmax, count, grid)
-        ax.set_title(f"{label}\n({count} maps)", fontsize=8)
-        shown = ax.images[0] if ax.images else shown
-    if shown is not None:
-        figure.colorbar(shown, ax=list(axes[0]), shrink=0.8, label="mean positive attribution")
-    if title:
-        figure.suptitle(title, fontsize=9)
-    return figure
-
-
-def draw_bin(ax, image: torch.Tensor, vmax: float, count: int, grid: int | None = None) -> None:
-    """One AggAtt panel: the bin's mean map on the scale [0, vmax] with the grid's cells outlined,
-    or "no maps" where the bin is empty."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if count == 0:
-        ax.text(0.5, 0.5, "no maps", ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
-        return
-    height, width = image.shape
-    ax.imshow(image.float().cpu().numpy(), cmap="inferno", vmin=0.0, vmax=max(vmax, 1e-12))
-    for k in range(1, grid or 1):
-        ax.axhline(k * height / grid - 0.5, color="white", linewidth=0.6, alpha=0.7)
-        ax.axvline(k * width / grid - 0.5, color="white", linewidth=0.6, alpha=0.7)
+    bin with no maps is an empty, labelled panel; ``grid``: outline the cells of a ``grid`` x
+    ``grid`` grid image."""
+    titles = [f"{label}\n({count} maps)" for label, count in zip(aggatt.labels, aggatt.counts)]
+    scale = ("mean positive attribution", aggatt.vmax) if any(aggatt.counts) else None
+    return panel_figure([_bin_panels(aggatt, grid)], column_titles=titles, title=title, colorbar=scale, panel_inches=1.7)
 
 
 def save_aggatt(aggatt: AggAtt, path, max_side: int = STORED_SIDE) -> None:
@@ -147,37 +127,18 @@ def examples_comparison_figure(probes: list[tuple[str, dict[str, torch.Tensor]]]
     ``max_probes``), a row per example (the ``rows`` held by the most probes' galleries, then by
     id; a probe whose gallery lacks one shows an empty panel saying so), each map over its image
     on its own scale with its score. None when no two probes share an example."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = probes[:max_probes]
     holders = Counter(i for _, examples in shown for i in set(examples["ids"].tolist()))
     chosen = sorted((i for i, n in holders.items() if n > 1), key=lambda i: (-holders[i], i))[:rows]
     if not chosen:
         return None
-    figure, axes = plt.subplots(len(chosen), len(shown), figsize=(1.7 * len(shown), 1.8 * len(chosen) + 0.6), squeeze=False, layout="constrained")
-    for column, (name, examples) in enumerate(shown):
+    columns = []
+    for _, examples in shown:
         where = {int(i): k for k, i in enumerate(examples["ids"].tolist())}
-        axes[0, column].set_title(_column_title(name), fontsize=8)
-        for row, example in enumerate(chosen):
-            ax = axes[row, column]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if column == 0:
-                ax.set_ylabel(f"#{example}", fontsize=8)
-            if example not in where:
-                ax.text(0.5, 0.5, "not among\nits examples", ha="center", va="center", fontsize=7, color="0.4", transform=ax.transAxes)
-                continue
-            k = where[example]
-            positive = examples["maps"][k].clamp(min=0).double()
-            top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
-            ax.imshow(examples["images"][k].permute(1, 2, 0).numpy())
-            ax.imshow((positive / top).clamp(max=1).numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-            ax.set_xlabel(f"score {float(examples['scores'][k]):.2f}", fontsize=7)
-    figure.suptitle((title or "examples") + ": the same examples, a column per probe", fontsize=9)
-    return figure
+        columns.append([_example_panel(examples["images"][where[e]], examples["maps"][where[e]], examples["scores"][where[e]])
+                        if e in where else Panel(note="not among\nits examples") for e in chosen])  # fmt: skip
+    return panel_figure([list(row) for row in zip(*columns)], column_titles=[_column_title(n) for n, _ in shown],
+                        row_labels=[f"#{e}" for e in chosen], title=(title or "examples") + ": the same examples, a column per probe")  # fmt: skip
 
 
 def load_aggatt(path) -> AggAtt:
@@ -192,29 +153,26 @@ def comparison_figure(probes: list[tuple[str, AggAtt]], title: str = "", grid: i
     """Several probes' AggAtt side by side: a column per probe (in the given order, the first
     ``max_probes``), a row per bin, each column on its own probe's scale (its bins' 99.5th
     percentile is 1), so that where the attribution goes is compared, not its size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = probes[:max_probes]
-    n_bins = max(len(a.counts) for _, a in shown)
-    figure, axes = plt.subplots(
-        n_bins, len(shown), figsize=(1.5 * len(shown) + 1.4, 1.45 * n_bins + 0.9), squeeze=False, layout="constrained"
-    )
-    image = None
-    for column, (name, aggatt) in enumerate(shown):
-        axes[0, column].set_title(_column_title(name), fontsize=8)
-        for row, (bin_map, label, count) in enumerate(zip(aggatt.maps, aggatt.labels, aggatt.counts)):
-            draw_bin(axes[row, column], bin_map / max(aggatt.vmax, 1e-12), 1.0, count, grid)
-            image = axes[row, column].images[0] if axes[row, column].images else image
-            if column == 0:
-                axes[row, column].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    if image is not None:
-        figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attribution / the probe's 99.5th pct.")
+    columns = [_bin_panels(aggatt, grid) for _, aggatt in shown]
+    labels = max((a.labels for _, a in shown), key=len)
     left_out = f" (the first {max_probes} of {len(probes)} probes)" if len(probes) > max_probes else ""
-    figure.suptitle((title or "AggAtt") + left_out + ": best to worst localised, top to bottom", fontsize=9)
-    return figure
+    blank = Panel()  # a probe with fewer bins than another
+    return panel_figure(
+        [[column[r] if r < len(column) else blank for column in columns] for r in range(len(labels))],
+        column_titles=[_column_title(name) for name, _ in shown], row_labels=labels,
+        title=(title or "AggAtt") + left_out + ": best to worst localised, top to bottom",
+        colorbar=("attribution / the probe's 99.5th pct.", 1.0),
+    )  # fmt: skip
+
+
+def _example_panel(image: torch.Tensor, heat: torch.Tensor, score) -> Panel:
+    """An image with its positive attribution over it (on the map's own scale, clipped at its
+    99.5th percentile) and its score under it."""
+    positive = heat.clamp(min=0).double()
+    top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
+    picture = image.permute(1, 2, 0).float().cpu().numpy()
+    return Panel(overlay_rgb(picture, (positive / top).clamp(max=1).cpu().numpy()), caption=f"score {float(score):.2f}")
 
 
 def heatmap_gallery(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor, title: str = "", columns: int = 4):
@@ -224,23 +182,6 @@ def heatmap_gallery(images: torch.Tensor, maps: torch.Tensor, scores: torch.Tens
     Args:
         images (Tensor): (N, 3, H, W) in [0, 1]. maps (Tensor): (N, H, W). scores (Tensor): (N,).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    rows = max(1, -(-n // columns))
-    # constrained: the panels' titles stay clear of the images above them
-    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, heat, score in zip(axes.flat, images, maps, scores):
-        positive = heat.clamp(min=0).double()
-        top = float(torch.quantile(positive.flatten(), CLIP_PERCENTILE / 100)) or 1e-12
-        ax.imshow(image.permute(1, 2, 0).cpu().numpy())
-        ax.imshow((positive / top).clamp(max=1).cpu().numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-        ax.set_title(f"score {float(score):.2f}", fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    return figure
+    panels = [_example_panel(image, heat, score) for image, heat, score in zip(images, maps, scores)]
+    panels += [Panel()] * (-len(panels) % columns if panels else columns)  # blank up to a whole row
+    return panel_figure([panels[k : k + columns] for k in range(0, len(panels), columns)], title=title)
