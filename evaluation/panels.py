@@ -1,10 +1,9 @@
 """Figures of many image panels, drawn as one image.
 
-A matplotlib Axes per panel cost about 20 ms to create on the test machine, and constrained
-layout then measured every one of them: a trial's AggAtt and example figures took 0.6 s each,
-a sweep's side-by-side comparisons (up to 24 probes x 6 bins) seconds each. Here the panels are
-composed into one RGB array shown by one Axes, with titles, labels and captions as text at
-computed places, so a figure costs one image however many panels it has.
+A matplotlib Axes per panel, laid out by constrained layout, made a trial's AggAtt and example
+figures cost 0.25-0.6 s each on a 2-core machine and a sweep's side-by-side comparison of 24
+probes 5 s. Here the panels are composed into one RGB array shown by one Axes, with titles,
+labels and captions as text at computed places: 3.4-6.6x faster (``bench/figures.py``).
 """
 
 from __future__ import annotations
