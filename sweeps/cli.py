@@ -35,7 +35,7 @@ RayResults = Annotated[
 
 
 def _uri(tracking_uri: str | None) -> str:
-    from sweeps.tracking import default_tracking_uri
+    from sweeps.spec_files import default_tracking_uri  # not sweeps.tracking: no MLflow import for an error
 
     return tracking_uri or default_tracking_uri(Path.cwd())
 
@@ -172,9 +172,9 @@ def run(
     ray_results: RayResults = False,
 ) -> None:
     """Validate a sweep spec, run all its trials with Ray Tune, and print the results table."""
-    from sweeps.spec import DEMO_SPEC
-
     _name(name)
+    from sweeps.spec import DEMO_SPEC  # loads torch (the method registry): after the name's check
+
     spec = _load(config or DEMO_SPEC)
     for warning in spec.warnings():
         typer.echo(f"warning: {warning}", err=True)
@@ -258,9 +258,9 @@ def report(
     """Print a sweep's trials sorted by its objectives, its Pareto front with MLflow run links,
     and write the table and the front's plot."""
     _name(name)
-    from sweeps.tracking import find_sweep_run, similar_sweeps
-
     uri = _store(tracking_uri, f"no sweep named {name!r}")
+    from sweeps.tracking import find_sweep_run, similar_sweeps  # MLflow: after the checks that need none
+
     parent = find_sweep_run(uri, name)
     if parent is None:
         close = similar_sweeps(uri, name)
@@ -284,9 +284,9 @@ def results(
     """Write a sweep's trials as CSV, one row each, with every param, metric and tag (the columns of
     mlflow.search_runs; in Python: sweeps.results.results(name) gives the DataFrame)."""
     _name(name)
+    uri = _store(tracking_uri, f"no sweep named {name!r}")
     from sweeps.results import results as sweep_results
 
-    uri = _store(tracking_uri, f"no sweep named {name!r}")
     try:
         frame = sweep_results(name, uri)
     except ValueError as err:
@@ -319,9 +319,9 @@ def list_sweeps_command(tracking_uri: TrackingUri = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    uri = _store(tracking_uri, "no sweeps")
     from sweeps.tracking import list_sweeps
 
-    uri = _store(tracking_uri, "no sweeps")
     sweeps = list_sweeps(uri)
     table = Table(title=f"sweeps in {redact_uri(uri)}")
     for column in ("sweep", "experiment", "status", "trials", "started", "ended"):

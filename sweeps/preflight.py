@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from sweeps.spec import SweepSpec
 from sweeps.spec_files import redact_uri
+
+if TYPE_CHECKING:  # importing the spec loads torch: the store checks answer without it
+    from sweeps.spec import SweepSpec
 
 __all__ = [
     "TRACKING_SCHEMES",
@@ -88,6 +88,8 @@ def check_local_resources(spec: SweepSpec) -> None:
     if spec.resources.cpu > cpus:
         raise ValueError(f"resources.cpu: a trial asks for {spec.resources.cpu:g} CPUs; this machine has {cpus}")
     if spec.resources.gpu > 0:
+        import torch
+
         gpus = torch.cuda.device_count()
         if spec.resources.gpu > gpus:
             raise ValueError(f"resources.gpu: a trial asks for {spec.resources.gpu:g} GPUs; this machine has {gpus}")

@@ -94,3 +94,24 @@ def wait_for_exit(earlier: set[int], timeout: float = 60) -> list:
     while (left := [p for p in session_processes() if p.pid not in earlier]) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(session_root) -> Path:
+    from mlflow import MlflowClient
+
+    path = session_root / "empty-mlflow" / "mlflow.db"
+    path.parent.mkdir()
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # MLflow creates its tables here, once
+    return path
+
+
+@pytest.fixture()
+def sqlite_store(tmp_path, _empty_mlflow_db) -> str:
+    """An empty MLflow store where a sweep run in ``tmp_path`` keeps it (``default_tracking_uri``):
+    a copy of one made once per session, because MLflow's creation of its tables takes about a
+    second (more than most tests that use a store)."""
+    from sweeps.spec_files import default_tracking_uri
+
+    shutil.copyfile(_empty_mlflow_db, tmp_path / "mlflow.db")
+    return default_tracking_uri(tmp_path)

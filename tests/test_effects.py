@@ -15,7 +15,7 @@ from evaluation.score_rows import ScoreRows, read_rows, unit_scores
 from sweeps.effects import TrialScores, forest_figure, paired_effects, replicate_scores
 from sweeps.run_params import factors_of
 from sweeps.report import cell, grids_label, render_effects, summary_csv, sweep_analysis, sweep_runs
-from sweeps.tracking import default_tracking_uri, ensure_experiment, start_sweep_run
+from sweeps.tracking import ensure_experiment, start_sweep_run
 
 
 def _trial(name, units, **factors):
@@ -133,8 +133,8 @@ def _store_trial(uri, experiment_id, parent, name, params, grids, scores, folder
     client.set_terminated(run.info.run_id)
 
 
-def test_report_effects_equal_a_hand_computation_from_the_stored_rows(tmp_path, capfd):
-    uri = default_tracking_uri(tmp_path)
+def test_report_effects_equal_a_hand_computation_from_the_stored_rows(tmp_path, capfd, sqlite_store):
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "effects")
     shared = {"backbone.name": "tiny_resnet_sup", "probe.head.type": "linear", "probe.seed": "0"}  # on the parent only
     parent = start_sweep_run(uri, experiment_id, "effects-1", "name: effects\n", n_trials=2, shared=shared)

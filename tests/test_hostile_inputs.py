@@ -325,7 +325,7 @@ def weights(tmp_path_factory):
     torch.save(state, folder / "resnet18.pth")
     (folder / "empty.pth").write_bytes(b"")
     (folder / "truncated.pth").write_bytes((folder / "resnet18.pth").read_bytes()[:5000])
-    torch.save(torchvision.models.vgg11().state_dict(), folder / "vgg11.pth")
+    torch.save(torchvision.models.squeezenet1_0().state_dict(), folder / "squeezenet.pth")  # small: 5 MB
     torch.save(state | {"layer1.0.conv1.weight": torch.zeros(64, 64, 5, 5)}, folder / "shape.pth")
     return folder
 
@@ -363,7 +363,7 @@ DATA_CASES = [
     ("voc: no box", "{root}/VOC2007/Annotations/000001.xml: a dog object without a numeric <bndbox>"),
     ("weights: empty.pth", "cannot load checkpoint {weights}/empty.pth: the file is empty"),
     ("weights: truncated.pth", None),  # torch's own words after the file's name
-    ("weights: vgg11.pth", None),
+    ("weights: squeezenet.pth", None),
     ("weights: shape.pth", None),
 ]
 

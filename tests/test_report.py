@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from sweeps.report import pareto_front, sort_rows
-from sweeps.tracking import TrialRun, close_trial_runs, default_tracking_uri, ensure_experiment, start_sweep_run
+from sweeps.tracking import TrialRun, close_trial_runs, ensure_experiment, start_sweep_run
 
 
 def test_pareto_front_of_two_maximised_objectives():
@@ -31,8 +31,8 @@ def test_rows_sort_by_objectives_in_order_missing_last():
     assert ordered[:3] == [3, 1, 0] and set(ordered[3:]) == {2, 4}
 
 
-def test_trial_runs_get_their_final_status_from_ray(tmp_path):
-    uri = default_tracking_uri(tmp_path)
+def test_trial_runs_get_their_final_status_from_ray(tmp_path, sqlite_store):
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "closing")
     parent = start_sweep_run(uri, experiment_id, "closing-1", "name: closing\n", n_trials=5)
     client = MlflowClient(uri)
@@ -77,10 +77,10 @@ def _cli(*args, cwd):
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path):
+def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path, sqlite_store):
     from sweeps.tracking import list_sweeps, similar_sweeps
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "listing")
     first = start_sweep_run(uri, experiment_id, "mini-20261201-1200", "name: mini\n", n_trials=4)
     MlflowClient(uri).set_terminated(first, "FINISHED")
@@ -99,10 +99,10 @@ def test_sweeps_are_listed_and_a_mistyped_name_gets_a_suggestion(tmp_path):
     assert nowhere.returncode == 2 and "no sweeps: there is no MLflow store here" in nowhere.stderr
 
 
-def test_report_sorts_by_a_chosen_column_and_names_an_unknown_one(tmp_path):
+def test_report_sorts_by_a_chosen_column_and_names_an_unknown_one(tmp_path, sqlite_store):
     from sweeps.tracking import TrialRun
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "sorting")
     parent = start_sweep_run(uri, experiment_id, "sorting-1", "name: sorting\n", n_trials=3)
     client = MlflowClient(uri)
@@ -125,12 +125,12 @@ def test_report_sorts_by_a_chosen_column_and_names_an_unknown_one(tmp_path):
     assert bad.returncode == 2 and "--sort: unknown column 'gridpg/ixg/inptu'" in bad.stderr and "did you mean 'gridpg/ixg/input'?" in bad.stderr
 
 
-def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_path):
+def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_path, sqlite_store):
     import gzip
 
     from sweeps.tracking import TrialRun
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "unreadable")
     parent = start_sweep_run(uri, experiment_id, "unreadable-1", "name: unreadable\n", n_trials=1)
     client = MlflowClient(uri)
@@ -147,14 +147,14 @@ def test_a_report_whose_stored_scores_cannot_be_read_still_shows_the_trials(tmp_
     assert "gridpg.csv.gz: not a score table" in result.stdout
 
 
-def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_path, capfd):
+def test_the_parent_run_holds_the_answer_best_values_and_a_results_table(tmp_path, capfd, sqlite_store):
     import torch
 
     from evaluation.aggatt import aggatt_bins, save_aggatt
     from sweeps.summary import DESCRIPTION_TAG, log_sweep_summary
     from sweeps.tracking import run_url
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "answer")
     objectives = {"gridpg/ixg/input": "max", "val/accuracy": "max"}
     parent = start_sweep_run(uri, experiment_id, "answer-1", "name: answer\n", n_trials=3, objectives=objectives, shared={"backbone.name": "tiny"})
@@ -203,13 +203,13 @@ def test_a_results_table_too_long_for_a_description_keeps_its_best_rows():
     assert shown[0].startswith("| [probe0]") and f"*{400 - len(shown)} more in `summary.csv`*" in note
 
 
-def test_report_groups_by_a_column_and_the_results_are_a_whole_dataframe(tmp_path):
+def test_report_groups_by_a_column_and_the_results_are_a_whole_dataframe(tmp_path, sqlite_store):
     import csv
     import io
 
     from sweeps.results import results
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "grouping")
     shared = {"backbone.name": "tiny", "probe.head.type": "linear"}
     parent = start_sweep_run(uri, experiment_id, "grouping-1", "name: grouping\n", n_trials=3, shared=shared)

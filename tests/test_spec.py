@@ -430,9 +430,19 @@ def test_an_experiment_name_that_would_leave_the_folder_is_refused():
     ]
 
 
-def test_report_of_an_unknown_sweep_creates_no_store(tmp_path):
-    result = _cli("report", "mini", cwd=tmp_path)
-    assert result.returncode == 2 and "no sweep named 'mini': there is no MLflow store here" in result.stderr
+@pytest.mark.parametrize("args", [["report", "mini"], ["results", "mini"], ["ls"]])
+def test_a_command_on_a_missing_store_creates_none_and_says_so_before_importing_mlflow(tmp_path, args):
+    # the modules loaded when the CLI exits, printed by an exit handler (the CLI's exit runs them)
+    code = (
+        "import atexit, sys; "
+        "atexit.register(lambda: print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'torch'}))); "
+        "from sweeps.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "there is no MLflow store here" in result.stderr
+    assert result.stdout.strip() == "[]"  # an answer in a second or two, not after MLflow's import
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,13 +3,13 @@
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.tracking import TrialRun, default_tracking_uri, ensure_experiment, start_sweep_run
+from sweeps.tracking import TrialRun, ensure_experiment, start_sweep_run
 from sweeps.trial import flatten
 
 
 @pytest.fixture()
-def store(tmp_path):
-    uri = default_tracking_uri(tmp_path)
+def store(tmp_path, sqlite_store):
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "unit")
     parent = start_sweep_run(uri, experiment_id, "unit-sweep", "name: unit\n", n_trials=1)
     return uri, experiment_id, parent
@@ -147,10 +147,10 @@ def test_a_sweep_run_whose_start_fails_is_not_left_running(store):
     assert run.info.status == "FAILED"
 
 
-def test_a_trial_run_is_named_by_what_sets_it_apart_and_logs_only_its_own_params(tmp_path):
+def test_a_trial_run_is_named_by_what_sets_it_apart_and_logs_only_its_own_params(tmp_path, sqlite_store):
     from sweeps.report import trial_rows
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_store
     experiment_id = ensure_experiment(uri, "names")
     shared = {"backbone.name": "tiny_resnet_sup", "probe.head.type": "bcos", "probe.head.depth": "2", "train.lr": "0.001"}
     parent = start_sweep_run(uri, experiment_id, "names-1", "name: names\n", n_trials=2, shared=shared)
