@@ -240,13 +240,13 @@ def resume_sweep(
         dashboard: start Ray's dashboard with the local instance, on 127.0.0.1.
         ray_results: let Ray Tune write its own result files (see :func:`run_sweep`).
     """
-    from mlflow import MlflowClient
-    from ray import tune
-
     folder = Path(storage or Path.cwd() / "ray_results").expanduser().resolve() / check_name(name)
     record_file = folder / RECORD_FILE
     if not record_file.is_file():
         raise FileNotFoundError(f"no sweep {name!r} to resume: {record_file} does not exist")
+    from mlflow import MlflowClient  # seconds of imports: after the check a mistyped name fails
+    from ray import tune
+
     check_private(folder)
     stop_leftovers(folder, log)  # Ray processes of the sweep's killed driver
     if not tune.Tuner.can_restore(str(folder)):
