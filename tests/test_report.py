@@ -31,7 +31,7 @@ def test_rows_sort_by_objectives_in_order_missing_last():
     assert ordered[:3] == [3, 1, 0] and set(ordered[3:]) == {2, 4}
 
 
-def test_trial_runs_get_their_final_status_from_ray(tmp_path, sqlite_store):
+def test_trial_runs_get_their_final_status_from_ray(sqlite_store):
     uri = sqlite_store
     experiment_id = ensure_experiment(uri, "closing")
     parent = start_sweep_run(uri, experiment_id, "closing-1", "name: closing\n", n_trials=5)

@@ -8,7 +8,7 @@ from sweeps.trial import flatten
 
 
 @pytest.fixture()
-def store(tmp_path, sqlite_store):
+def store(sqlite_store):
     uri = sqlite_store
     experiment_id = ensure_experiment(uri, "unit")
     parent = start_sweep_run(uri, experiment_id, "unit-sweep", "name: unit\n", n_trials=1)
@@ -147,7 +147,7 @@ def test_a_sweep_run_whose_start_fails_is_not_left_running(store):
     assert run.info.status == "FAILED"
 
 
-def test_a_trial_run_is_named_by_what_sets_it_apart_and_logs_only_its_own_params(tmp_path, sqlite_store):
+def test_a_trial_run_is_named_by_what_sets_it_apart_and_logs_only_its_own_params(sqlite_store):
     from sweeps.report import trial_rows
 
     uri = sqlite_store
