@@ -397,6 +397,10 @@ def run_cli(argv: list[str] | None = None) -> int | str:
 
 
 def main() -> None:
+    import faulthandler
+
+    # a crash in native code (Ray's core worker, torch) shows the Python stack it happened under
+    faulthandler.enable()
     _leave(run_cli())
 
 

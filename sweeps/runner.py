@@ -289,8 +289,8 @@ def _drive(
     ray_results: bool = False,
 ) -> SweepOutcome:
     """Start (or join) Ray while ``start_tracking`` sets up the sweep's MLflow runs in a thread,
-    fit the tuner, shut Ray down, log the sweep's summary and Pareto front to its MLflow run and
-    close it.
+    fit the tuner, log the sweep's summary and Pareto front to its MLflow run and close it, then
+    shut Ray down.
 
     Ray starts in the main thread (the processes it starts die with the thread that started them)
     and takes about 4 s here; the MLflow set-up about 2 s on a new store: done one after the
@@ -307,51 +307,55 @@ def _drive(
     ended_by = "fit"  # or "interrupt" (a second Ctrl-C, while Ray Tune was saving its state), "error"
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as pool:
         tracking = pool.submit(start_tracking)
-        try:
-            with ray_output_to(log_file) as reroute:
+        with ray_output_to(log_file) as reroute:
+            try:
+                if address is None:  # for the processes of the local instance, the trials' among them
+                    for key, value in TRIAL_ENV.items():
+                        os.environ.setdefault(key, value)
+                # results live in MLflow: Ray Tune's own per-result JSON/CSV/TensorBoard files only
+                # cost the driver CPU time, which the trials' threads lose on a small machine
+                os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if ray_results else "1"
+                # MLflow prints "View run ... at <tracking URI>" when a run ends: with the URI's
+                # password, into the terminal and Ray's worker logs; probesweep prints its own links
+                os.environ[QUIET_MLFLOW] = "true"
+                context = ray.init(
+                    # "local": a new instance even where `ray start` left a cluster address behind (a
+                    # plain ray.init() would try to join it, and wait forever if it is gone)
+                    address=address or "local", include_dashboard=dashboard and address is None, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING,
+                    # nothing reads Ray's metrics here; exporting them keeps its daemons busy
+                    _system_config={"enable_metrics_collection": False} if address is None else None,
+                    # a tracking URI with a secret reaches a cluster's trials in memory, never in a file
+                    runtime_env={"env_vars": {k: os.environ[k] for k in (SECRET_URI_ENV, QUIET_MLFLOW) if k in os.environ}}
+                    if address is not None else None,
+                )  # fmt: skip
+                private_auth_token()
+                if dashboard:
+                    where = context.dashboard_url or "not started (see the sweep's log)"
+                    log(f"Ray's dashboard: {'http://' if context.dashboard_url else ''}{where}")
+                if address is not None:
+                    check_cluster_resources(spec, log)
+                else:  # found again and stopped by `resume` if this driver is killed
+                    record_processes(log_file.parent)
+                reroute()
+                extract_features(spec, log)  # every shard the trials read, on the cluster, before they start
+                make_tuner(tracking.result()).fit()
+            except KeyboardInterrupt:
+                ended_by = "interrupt"
+                raise
+            except Exception:
+                ended_by = "error"
+                raise
+            finally:
+                # never leave a run of the sweep RUNNING; count what ended from the runs themselves.
+                # Before Ray's shutdown: after a lost node the driver can crash at its end (a
+                # segfault after the last trial, once in six runs of the lost-node job of
+                # tests/test_two_nodes.py; ray-project/ray#6025), and the results must be logged by then
                 try:
-                    if address is None:  # for the processes of the local instance, the trials' among them
-                        for key, value in TRIAL_ENV.items():
-                            os.environ.setdefault(key, value)
-                    # results live in MLflow: Ray Tune's own per-result JSON/CSV/TensorBoard files only
-                    # cost the driver CPU time, which the trials' threads lose on a small machine
-                    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if ray_results else "1"
-                    # MLflow prints "View run ... at <tracking URI>" when a run ends: with the URI's
-                    # password, into the terminal and Ray's worker logs; probesweep prints its own links
-                    os.environ[QUIET_MLFLOW] = "true"
-                    context = ray.init(
-                        # "local": a new instance even where `ray start` left a cluster address behind (a
-                        # plain ray.init() would try to join it, and wait forever if it is gone)
-                        address=address or "local", include_dashboard=dashboard and address is None, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING,
-                        # nothing reads Ray's metrics here; exporting them keeps its daemons busy
-                        _system_config={"enable_metrics_collection": False} if address is None else None,
-                        # a tracking URI with a secret reaches a cluster's trials in memory, never in a file
-                        runtime_env={"env_vars": {k: os.environ[k] for k in (SECRET_URI_ENV, QUIET_MLFLOW) if k in os.environ}}
-                        if address is not None else None,
-                    )  # fmt: skip
-                    private_auth_token()
-                    if dashboard:
-                        where = context.dashboard_url or "not started (see the sweep's log)"
-                        log(f"Ray's dashboard: {'http://' if context.dashboard_url else ''}{where}")
-                    if address is not None:
-                        check_cluster_resources(spec, log)
-                    else:  # found again and stopped by `resume` if this driver is killed
-                        record_processes(log_file.parent)
-                    reroute()
-                    extract_features(spec, log)  # every shard the trials read, on the cluster, before they start
-                    make_tuner(tracking.result()).fit()
+                    if tracking.exception() is None:  # (waits for it) else there are no runs: its error is raised
+                        outcome = tracking.result()
+                        failed, interrupted, analysis = _close_sweep(outcome, spec, ended_by, log)
                 finally:
                     ray.shutdown()
-        except KeyboardInterrupt:
-            ended_by = "interrupt"
-            raise
-        except Exception:
-            ended_by = "error"
-            raise
-        finally:  # never leave a run of the sweep RUNNING; count what ended from the runs themselves
-            if tracking.exception() is None:  # (waits for it) else there are no runs: its error is raised
-                outcome = tracking.result()
-                failed, interrupted, analysis = _close_sweep(outcome, spec, ended_by, log)
     if interrupted:
         log(f"sweep {outcome.name} interrupted: continue it with `probesweep resume {outcome.name}`")
     return replace(outcome, n_failed=failed, interrupted=interrupted, analysis=analysis)

@@ -205,6 +205,7 @@ class TrialRun:
         self.shared: dict[str, str] = {}  # the parent run's params
         self.run_id = ""
         self.previous_status: str | None = None  # of the run found on entry; None if created
+        self.previous_error: str | None = None  # its tag ``error``, if it FAILED
         self.seconds = 0.0  # spent in the logging methods
         self.upload_failed = False  # an artifact could not be saved (tag warning.artifacts)
         self.unwritten: list[Metric] = []  # logged with later=True, written by flush()
@@ -220,6 +221,7 @@ class TrialRun:
         self.shared = self.client.get_run(self.parent_run_id).data.params
         if found:
             self.run_id, self.previous_status = found[0].info.run_id, found[0].info.status
+            self.previous_error = found[0].data.tags.get("error")
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"trial_id": self.trial_id, "mlflow.parentRunId": self.parent_run_id}

@@ -8,7 +8,8 @@ every epoch when an early-stopping scheduler reads the results); the epochs' met
 to MLflow with each checkpoint. The last epoch adds the localisation scores, the AggAtt figures,
 the probe and the trial's timings, all logged before its report: ASHA stops a trial at that report.
 An epoch that ended after the last checkpoint Ray saved is trained again when the trial resumes,
-but logged once: the run's metric history holds each epoch one time.
+but logged once: the run's metric history holds each epoch one time. A trial whose probe diverged
+is not trained again when Ray retries it: the retry fails at once with the recorded error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from probing.train import DivergedError
 from sweeps.spec_files import secret_uri
 from sweeps.trial import TrialConfig, TrialSession, flatten, run_trial, trial_params
 
@@ -29,6 +31,7 @@ __all__ = ["probe_trial", "RUNTIME_KEY", "RaySession"]
 RUNTIME_KEY = "runtime"  # config entries that say where to log, not what to train
 SEARCH_KEY = "search"  # Optuna's own choices (``search/lr``, ...), which Ray's OptunaSearch adds to the config
 STATE_FILE = "trainer.pt"
+NOT_TRAINED_AGAIN = " (the trial's retry was not trained again: the same seed and data diverge the same way)"
 
 
 class RaySession(TrialSession):
@@ -80,6 +83,10 @@ def probe_trial(config: dict[str, Any]) -> None:
         context.get_trial_name(),
         trial_params(trial),  # the run is named by those that set it apart
     ) as run:
+        if run.previous_status == "FAILED" and (run.previous_error or "").startswith(f"{DivergedError.__name__}: "):
+            # Ray retries a failed trial (resources.max_failures) for a lost node or process; a probe
+            # that diverged diverges again on the same seed and data: no second training to learn it
+            raise DivergedError(run.previous_error.split(": ", 1)[1].split(NOT_TRAINED_AGAIN)[0] + NOT_TRAINED_AGAIN)
         if run.previous_status != "FINISHED":
             node_id = ray.get_runtime_context().get_node_id()
             # the address the node joined the cluster with (several nodes may share a host)

@@ -103,21 +103,31 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> str:
-        """Start the server; returns its URL once /health answers."""
+    def start(self, timeout: float = 120, wait: bool = True) -> str:
+        """Start the server; returns its URL once /health answers (at once without ``wait``: then
+        :meth:`wait` for it, and start what else a test needs meanwhile)."""
         env = {
             **os.environ,
             **self.env,
             "MLFLOW_PORT": str(self.port),
             "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")),
         }
-        log = self.data_dir.parent / f"mlflow-server-{self.port}.log"
-        with open(log, "a") as out:
+        with open(self._log, "a") as out:
             self.process = subprocess.Popen(
                 ["bash", str(self.script)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        _wait_until(lambda: _answers(f"{self.url}/health"), self.process, "the MLflow server", log, timeout)
+        if wait:
+            self.wait(timeout)
         return self.url
+
+    def wait(self, timeout: float = 120) -> None:
+        """Until the started server's /health answers."""
+        assert self.process is not None, "the MLflow server was not started"
+        _wait_until(lambda: _answers(f"{self.url}/health"), self.process, "the MLflow server", self._log, timeout)
+
+    @property
+    def _log(self) -> Path:
+        return self.data_dir.parent / f"mlflow-server-{self.port}.log"
 
     def stop(self) -> None:
         if self.process is not None:

@@ -142,9 +142,16 @@ def test_mlflow_holds_one_parent_and_four_finished_children(sweep):
         assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # one value per epoch
 
 
-def test_report_reads_the_sweep_back(sweep):
+@pytest.fixture(scope="module")
+def report(sweep) -> subprocess.CompletedProcess:
+    """`probesweep report` of the sweep, once for the tests that read it (seconds of CLI each)."""
     workdir, _ = sweep
-    result = subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    return subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120)
+
+
+def test_report_reads_the_sweep_back(sweep, report):
+    workdir, _ = sweep
+    result = report
     assert result.returncode == 0, result.stderr
     assert "sweep e2e-sweep (FINISHED)" in result.stdout
     assert sum(line.startswith("│") and "FINISHED" in line for line in result.stdout.splitlines()) == 4
@@ -155,9 +162,9 @@ def test_report_reads_the_sweep_back(sweep):
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
 
 
-def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(sweep, tmp_path):
+def test_the_reports_loss_effect_is_the_paired_difference_of_the_stored_rows(sweep, report, tmp_path):
     workdir, _ = sweep
-    subprocess.run([PROBESWEEP, "report", "e2e-sweep"], cwd=workdir, capture_output=True, text=True, timeout=120, check=True)
+    assert report.returncode == 0, report.stderr
     reported = {
         row["score"]: row for row in csv.DictReader((workdir / "reports" / "e2e-sweep" / "effects.csv").open())
         if row["factor"] == "loss"

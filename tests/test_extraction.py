@@ -1,7 +1,9 @@
 """Feature extraction through Ray Data into the sharded cache, on a synthetic ImageFolder of 2,000
 small JPEGs: the shards equal the features computed in one process; an extraction killed with
-SIGKILL leaves its finished shards and the rerun computes only the missing ones; a corrupt shard
-is rebuilt alone; two sweeps that need the same features share one extraction. Each extraction runs in a driver process with a real local Ray."""
+SIGKILL leaves its finished shards, and the rerun computes only the missing ones and a finished
+shard that was corrupted meanwhile (a corrupt shard of a complete cache:
+tests/test_backbones_and_cache.py); two sweeps that need the same features share one extraction.
+Each extraction runs in a driver process with a real local Ray."""
 
 import json
 import os
@@ -118,7 +120,7 @@ def test_extraction_writes_the_features_of_one_process_as_shards_and_a_killed_on
     cache = tmp_path / "cache"
     _seed_backbone_cache(cache)
     monkeypatch.setenv("PROBESWEEP_CACHE", str(cache))  # this test's own cache, the drivers' too
-    ray_tmps = [_ray_tmp() for _ in range(3)]
+    ray_tmps = [_ray_tmp() for _ in range(2)]
     first = _driver(_spec(folder), cache, ray_tmps[0])
     try:
         deadline = time.monotonic() + 300
@@ -134,32 +136,30 @@ def test_extraction_writes_the_features_of_one_process_as_shards_and_a_killed_on
     kept = {f: sorted(p.name for p in f.glob("shard-*.npy")) for f in _folders(cache)}
     total = -(-1600 // SHARD_ROWS) + -(-400 // SHARD_ROWS)
     assert 3 <= sum(map(len, kept.values())) < total and not any((f / "manifest.json").exists() for f in kept)
+    # and one finished shard corrupt: the rerun rebuilds it with the missing ones
+    corrupt = next(f / names[0] for f, names in kept.items() if names)
+    raw = bytearray(corrupt.read_bytes())
+    raw[-8:] = b"\x7f" * 8
+    corrupt.write_bytes(bytes(raw))
     second = _driver(_spec(folder), cache, ray_tmps[1])
     output, _ = second.communicate(timeout=600)
     _stop_ray_of(ray_tmps[1])
     assert second.returncode == 0, output[-3000:]
-    assert _computed(output) == total - sum(map(len, kept.values()))  # only the missing shards
-    assert "extracting features on the cluster" in output
+    assert _computed(output) == total - sum(map(len, kept.values())) + 1  # only the missing shards and the corrupt one
+    assert "extracting features on the cluster" in output, output[-3000:]
+    assert f"{corrupt.name} fails its checksum" in output, output[-3000:]
 
     # the shards hold what one process computes, and say which node computed them
     backbone = create_backbone("tiny_resnet_sup", log=lambda m: None)
-    val = create_dataset("imagefolder", "val", root=str(folder), size=32)
-    shard_folder = feature_cache_path(backbone, val, "imagefolder", "val", torch.float32)
-    manifest = read_manifest(shard_folder)
-    assert manifest["n_rows"] == 400 and manifest["shard_rows"] == SHARD_ROWS and manifest["backbone_digest"] == backbone.digest
-    assert all(len(s["node"]) > 8 for s in manifest["shards"])
-    shards = ShardedFeatures(shard_folder, manifest)
-    torch.testing.assert_close(shards[:], compute_features(backbone, val.images), rtol=1e-5, atol=1e-6)
-
-    # a corrupt shard is rebuilt alone
-    target = shards.folder / "shard-00003.npy"
-    raw = bytearray(target.read_bytes())
-    raw[-8:] = b"\x7f" * 8
-    target.write_bytes(bytes(raw))
-    third = _driver(_spec(folder), cache, ray_tmps[2])
-    output, _ = third.communicate(timeout=600)
-    _stop_ray_of(ray_tmps[2])
-    assert third.returncode == 0 and _computed(output) == 1 and "fails its checksum" in output, output[-3000:]
+    for split, n_rows in (("train", 1600), ("val", 400)):
+        data = create_dataset("imagefolder", split, root=str(folder), size=32)
+        shard_folder = feature_cache_path(backbone, data, "imagefolder", split, torch.float32)
+        manifest = read_manifest(shard_folder)
+        assert (manifest["n_rows"], manifest["shard_rows"], manifest["backbone_digest"]) == (n_rows, SHARD_ROWS, backbone.digest)
+        assert all(len(s["node"]) > 8 for s in manifest["shards"])
+        torch.testing.assert_close(
+            ShardedFeatures(shard_folder, manifest)[:], compute_features(backbone, data.images), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_two_sweeps_that_need_the_same_features_share_one_extraction(folder, tmp_path):

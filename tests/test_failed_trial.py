@@ -8,6 +8,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from sweeps.trainable import NOT_TRAINED_AGAIN
+
 pytestmark = pytest.mark.slow
 PROBESWEEP = str(Path(sys.executable).with_name("probesweep"))
 SPEC = {
@@ -35,4 +37,7 @@ def test_a_diverged_trial_is_recorded_as_failed(tmp_path):
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert child.info.status == "FAILED" and parent.info.status == "FAILED"
     assert child.data.tags["error"].startswith("DivergedError: diverged: ce loss is nan in epoch 1")
+    # Ray retried it (resources.max_failures 1 by default): the retry failed at once, untrained
+    error = child.data.tags["error"]
+    assert error.endswith(NOT_TRAINED_AGAIN) and error.count(NOT_TRAINED_AGAIN) == 1
     assert "FAILED" in result.stdout  # the results table shows the failed trial too

@@ -50,6 +50,9 @@ def test_a_failing_trial_is_failed_with_its_error(store):
     finished = MlflowClient(uri).get_run(run.run_id)
     assert finished.info.status == "FAILED"
     assert finished.data.tags["error"] == "RuntimeError: diverged: bce loss is nan in epoch 3"
+    with TrialRun(uri, experiment_id, parent, "t_00001", "probe_trial_t_00001") as retried:  # Ray's retry finds it
+        assert retried.previous_status == "FAILED"
+        assert retried.previous_error == "RuntimeError: diverged: bce loss is nan in epoch 3"
 
 
 def test_flatten_nested_config():
