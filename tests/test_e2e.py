@@ -84,7 +84,7 @@ def test_sweep_prints_results_and_the_ui_command(sweep):
     # two seeds of each loss: the replicates' table and the loss effect (per method and layer)
     assert "seed replicates" in result.stdout and "paired effects" in result.stdout
     assert "loss bce - ce" in result.stdout and "effects have a Holm-adjusted p below 0.05" in result.stdout
-    ui_line = f"ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1 --port 5000"
+    ui_line = f"ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1 --port 5000 --workers 1"
     assert ui_line in result.stdout
     assert "snapshotting" not in result.stderr  # Ray's own chatter goes to the sweep's log file
     assert (workdir / "ray_results" / "e2e-sweep" / "driver.log").is_file()
