@@ -1,8 +1,8 @@
 """Feature extraction through Ray Data into the sharded cache, on a synthetic ImageFolder of 2,000
-small JPEGs: the shards equal the features computed in one process; an extraction killed with
-SIGKILL leaves its finished shards, and the rerun computes only the missing ones and a finished
-shard that was corrupted meanwhile (a corrupt shard of a complete cache:
-tests/test_backbones_and_cache.py); two sweeps that need the same features share one extraction.
+small JPEGs. An extraction killed with SIGKILL leaves its finished shards; then two sweeps need the
+features at once: one resumes the extraction and computes only the missing shards and a finished
+one corrupted meanwhile (a corrupt shard of a complete cache: tests/test_backbones_and_cache.py),
+the other waits for it and computes none; the shards equal the features computed in one process.
 Each extraction runs in a driver process with a real local Ray."""
 
 import json
@@ -115,12 +115,14 @@ def _folders(cache: Path) -> list[Path]:
     return sorted(p.parent for p in cache.glob("features/*/*/layout.json"))
 
 
-def test_extraction_writes_the_features_of_one_process_as_shards_and_a_killed_one_resumes(folder, tmp_path, monkeypatch):
+def test_a_killed_extraction_resumes_once_for_two_sweeps_into_the_features_of_one_process(
+    folder, tmp_path, monkeypatch
+):
     create_backbone("tiny_resnet_sup", log=lambda m: None)  # pre-trained once for the session
     cache = tmp_path / "cache"
     _seed_backbone_cache(cache)
     monkeypatch.setenv("PROBESWEEP_CACHE", str(cache))  # this test's own cache, the drivers' too
-    ray_tmps = [_ray_tmp() for _ in range(2)]
+    ray_tmps = [_ray_tmp() for _ in range(3)]
     first = _driver(_spec(folder), cache, ray_tmps[0])
     try:
         deadline = time.monotonic() + 300
@@ -141,13 +143,23 @@ def test_extraction_writes_the_features_of_one_process_as_shards_and_a_killed_on
     raw = bytearray(corrupt.read_bytes())
     raw[-8:] = b"\x7f" * 8
     corrupt.write_bytes(bytes(raw))
-    second = _driver(_spec(folder), cache, ray_tmps[1])
-    output, _ = second.communicate(timeout=600)
-    _stop_ray_of(ray_tmps[1])
-    assert second.returncode == 0, output[-3000:]
-    assert _computed(output) == total - sum(map(len, kept.values())) + 1  # only the missing shards and the corrupt one
-    assert "extracting features on the cluster" in output, output[-3000:]
-    assert f"{corrupt.name} fails its checksum" in output, output[-3000:]
+    # two sweeps that need these features now: one resumes the extraction, the other waits for it
+    drivers = [_driver(_spec(folder, f"sweep{i}"), cache, ray_tmps[1 + i]) for i in range(2)]
+    try:
+        outputs = [d.communicate(timeout=600)[0] for d in drivers]
+    finally:
+        for i, d in enumerate(drivers):
+            if d.poll() is None:
+                os.killpg(d.pid, signal.SIGKILL)
+            _stop_ray_of(ray_tmps[1 + i])
+    assert [d.returncode for d in drivers] == [0, 0], [o[-2000:] for o in outputs]
+    computed = [_computed(o) for o in outputs]
+    # the resuming one computes only the missing shards and the corrupt one; the other none
+    assert sorted(computed) == [0, total - sum(map(len, kept.values())) + 1], outputs
+    resumed, waited = outputs[computed.index(max(computed))], outputs[computed.index(0)]
+    assert "extracting features on the cluster" in resumed, resumed[-3000:]
+    assert f"{corrupt.name} fails its checksum" in resumed, resumed[-3000:]
+    assert "waiting for another process's extraction" in waited, waited[-3000:]
 
     # the shards hold what one process computes, and say which node computed them
     backbone = create_backbone("tiny_resnet_sup", log=lambda m: None)
@@ -155,28 +167,9 @@ def test_extraction_writes_the_features_of_one_process_as_shards_and_a_killed_on
         data = create_dataset("imagefolder", split, root=str(folder), size=32)
         shard_folder = feature_cache_path(backbone, data, "imagefolder", split, torch.float32)
         manifest = read_manifest(shard_folder)
-        assert (manifest["n_rows"], manifest["shard_rows"], manifest["backbone_digest"]) == (n_rows, SHARD_ROWS, backbone.digest)
+        facts = (manifest["n_rows"], manifest["shard_rows"], manifest["backbone_digest"])
+        assert facts == (n_rows, SHARD_ROWS, backbone.digest)
         assert all(len(s["node"]) > 8 for s in manifest["shards"])
         torch.testing.assert_close(
             ShardedFeatures(shard_folder, manifest)[:], compute_features(backbone, data.images), rtol=1e-5, atol=1e-6
         )
-
-
-def test_two_sweeps_that_need_the_same_features_share_one_extraction(folder, tmp_path):
-    create_backbone("tiny_resnet_sup", log=lambda m: None)
-    cache = tmp_path / "cache"
-    _seed_backbone_cache(cache)
-    ray_tmps = [_ray_tmp() for _ in range(2)]
-    drivers = [_driver(_spec(folder, f"sweep{i}"), cache, ray_tmps[i]) for i in range(2)]
-    try:
-        outputs = [d.communicate(timeout=600)[0] for d in drivers]
-    finally:
-        for i, d in enumerate(drivers):
-            if d.poll() is None:
-                os.killpg(d.pid, signal.SIGKILL)
-            _stop_ray_of(ray_tmps[i])
-    assert [d.returncode for d in drivers] == [0, 0], [o[-2000:] for o in outputs]
-    computed = sorted(_computed(o) for o in outputs)
-    assert computed[0] == 0 and computed[1] == -(-1600 // SHARD_ROWS) + -(-400 // SHARD_ROWS), outputs
-    waited = outputs[[_computed(o) for o in outputs].index(0)]
-    assert "waiting for another process's extraction" in waited
