@@ -347,9 +347,9 @@ def _drive(
                 raise
             finally:
                 # never leave a run of the sweep RUNNING; count what ended from the runs themselves.
-                # Before Ray's shutdown: after a lost node the driver can crash at its end (a
-                # segfault after the last trial, once in eleven runs of the lost-node job of
-                # tests/test_two_nodes.py; ray-project/ray#6025), and the results must be logged by then
+                # Before Ray's shutdown: after a lost node the driver can crash at its end (seen once,
+                # a segfault after the last trial of tests/test_two_nodes.py's lost-node job;
+                # ray-project/ray#6025), and the results must be logged by then
                 try:
                     if tracking.exception() is None:  # (waits for it) else there are no runs: its error is raised
                         outcome = tracking.result()
