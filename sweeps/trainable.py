@@ -83,10 +83,12 @@ def probe_trial(config: dict[str, Any]) -> None:
         context.get_trial_name(),
         trial_params(trial),  # the run is named by those that set it apart
     ) as run:
-        if run.previous_status == "FAILED" and (run.previous_error or "").startswith(f"{DivergedError.__name__}: "):
+        diverged = f"{DivergedError.__name__}: "  # how TrialRun records the error
+        if run.previous_status == "FAILED" and (run.previous_error or "").startswith(diverged):
             # Ray retries a failed trial (resources.max_failures) for a lost node or process; a probe
             # that diverged diverges again on the same seed and data: no second training to learn it
-            raise DivergedError(run.previous_error.split(": ", 1)[1].split(NOT_TRAINED_AGAIN)[0] + NOT_TRAINED_AGAIN)
+            recorded = run.previous_error.removeprefix(diverged).removesuffix(NOT_TRAINED_AGAIN)
+            raise DivergedError(recorded + NOT_TRAINED_AGAIN)
         if run.previous_status != "FINISHED":
             node_id = ray.get_runtime_context().get_node_id()
             # the address the node joined the cluster with (several nodes may share a host)

@@ -151,13 +151,12 @@ def report(sweep) -> subprocess.CompletedProcess:
 
 def test_report_reads_the_sweep_back(sweep, report):
     workdir, _ = sweep
-    result = report
-    assert result.returncode == 0, result.stderr
-    assert "sweep e2e-sweep (FINISHED)" in result.stdout
-    assert sum(line.startswith("│") and "FINISHED" in line for line in result.stdout.splitlines()) == 4
+    assert report.returncode == 0, report.stderr
+    assert "sweep e2e-sweep (FINISHED)" in report.stdout
+    assert sum(line.startswith("│") and "FINISHED" in line for line in report.stdout.splitlines()) == 4
     agreement = {f"agreement-{metric[:-1]}.png" for metric in SCORED}  # three (method, layer) columns each
     assert {p.name for p in (workdir / "reports" / "e2e-sweep").iterdir()} == {"summary.csv", "pareto.png", "effects.csv", "effects.png", "agreement.csv"} | agreement
-    assert "gridpg: agreement" in result.stdout
+    assert "gridpg: agreement" in report.stdout
     missing = subprocess.run([PROBESWEEP, "report", "nope"], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
 
