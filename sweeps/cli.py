@@ -338,7 +338,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI on the sweep store, bound to 127.0.0.1, and say where the newest sweep's
     runs are."""
-    from sweeps.tracking import CLASSIC_VIEW, list_sweeps, ui_command
+    from sweeps.tracking import CLASSIC_VIEW, UI_ENVIRONMENT, list_sweeps, ui_command
 
     uri = _uri(tracking_uri)
     command = ui_command(uri, port=port)
@@ -349,7 +349,7 @@ def ui(
         if newest is not None:
             where = f"http://127.0.0.1:{port}/#/experiments/{newest['experiment_id']}/runs?{CLASSIC_VIEW}"
             typer.echo(f"the newest sweep, {newest['sweep']}: {where}", err=True)
-    os.execv(command[0], command)
+    os.execve(command[0], command, UI_ENVIRONMENT | dict(os.environ))
 
 
 @app.command("list")

@@ -222,6 +222,8 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
     import signal
     import urllib.request
 
+    import psutil
+
     workdir, _ = sweep
     port = _free_port()
     with open(workdir / "ui.log", "w") as said:
@@ -251,6 +253,9 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
         assert sum(any(m["key"] == "gridpg/ixg/input" for m in r["data"].get("metrics", [])) for r in runs) == 4
         newest = f"the newest sweep, e2e-sweep: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
         assert newest in (workdir / "ui.log").read_text()
+        # without MLflow's job runner (GenAI features): the server and its one worker only
+        started = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
+        assert len(started) <= 2 and not [c for c in started if "mlflow.server.jobs" in c], started
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

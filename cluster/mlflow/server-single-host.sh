@@ -11,6 +11,9 @@
 #   MLFLOW_ALLOWED_HOSTS  Host headers the server accepts when MLFLOW_HOST is not loopback,
 #                     e.g. "mlflow.internal:5000"; see docs/cluster.md before exposing it.
 #   MLFLOW_BIN        the mlflow executable                    (default: mlflow on PATH)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's job runner, for its GenAI features (issue detection,
+#                     GenAI evaluation, online scoring), which probe sweeps do not use (default
+#                     false here; MLflow's own default, true, starts 8 more processes)
 #
 # The server runs in the foreground; it and its workers stop together on SIGTERM to its process
 # group (`kill -- -PID`).
@@ -26,6 +29,8 @@ if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
   extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 fi
 
+# MLflow's job runner serves GenAI features only (see MLFLOW_SERVER_ENABLE_JOB_EXECUTION above)
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec "${MLFLOW_BIN:-mlflow}" server \
   --backend-store-uri "sqlite:///$data_dir/mlflow.db" \
   --serve-artifacts --artifacts-destination "$data_dir/artifacts" \

@@ -18,6 +18,9 @@
 #   MLFLOW_ALLOWED_HOSTS          Host headers accepted, e.g. "mlflow.internal,mlflow.internal:5000"
 #   MLFLOW_WORKERS                server worker processes (default 4)
 #   MLFLOW_BIN                    the mlflow executable (default: mlflow on PATH)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's job runner, for its GenAI features (issue detection,
+#                     GenAI evaluation, online scoring), which probe sweeps do not use (default
+#                     false here; MLflow's own default, true, starts 8 more processes)
 # The server needs `pip install 'psycopg[binary]' boto3` beside mlflow==3.17.2 (SQLAlchemy 2.1
 # reads postgresql:// with psycopg 3; postgresql+psycopg2:// selects psycopg2 instead).
 set -euo pipefail
@@ -38,6 +41,8 @@ if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
   extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 fi
 
+# MLflow's job runner serves GenAI features only (see MLFLOW_SERVER_ENABLE_JOB_EXECUTION above)
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec "${MLFLOW_BIN:-mlflow}" server \
   --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
   --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
