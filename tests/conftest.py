@@ -98,6 +98,16 @@ def session_processes() -> list:
     return found
 
 
+def command_line(process) -> str:
+    """A process's command line; empty for one that exited meanwhile."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def wait_for_exit(earlier: set[int], timeout: float = 60) -> list:
     """Wait until the session processes started since ``earlier`` (their pids, taken before) have
     exited; returns those still alive after ``timeout`` s. Processes of earlier tests (the test

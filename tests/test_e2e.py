@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import session_processes
+from conftest import command_line, session_processes
 from sweeps.tracking import SWEEP_TAG
 
 pytestmark = pytest.mark.slow
@@ -254,7 +254,7 @@ def test_ui_command_serves_the_sweep_over_http(sweep):
         newest = f"the newest sweep, e2e-sweep: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
         assert newest in (workdir / "ui.log").read_text()
         # without MLflow's job runner (GenAI features): the server and its one worker only
-        started = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
+        started = [command_line(p) for p in psutil.Process(server.pid).children(recursive=True)]
         assert len(started) <= 2 and not [c for c in started if "mlflow.server.jobs" in c], started
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import session_processes
+from conftest import command_line, session_processes
 from servers import REPO, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -66,17 +66,7 @@ def test_sweep_logs_runs_and_artifacts_through_the_server(served_sweep):
     assert f"Open the runs in the tracking server's UI: {url}/#/experiments/{experiment.experiment_id}/runs" in result.stdout
     assert re.search(r"^Ray's dashboard: http://127\.0\.0\.1:\d+$", result.stderr, re.MULTILINE), result.stderr  # --dashboard
     # the server script leaves MLflow's job runner (its GenAI features) off: 5 processes, not 13
-    assert not [c for c in map(_command, session_processes()) if "mlflow.server.jobs" in c]
-
-
-def _command(process) -> str:
-    """A process's command line; empty for one that exited meanwhile (the sweep's Ray processes)."""
-    import psutil
-
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
+    assert not [c for c in map(command_line, session_processes()) if "mlflow.server.jobs" in c]
 
 
 def test_with_ray_results_rays_own_analysis_reads_the_trials(served_sweep):
