@@ -397,6 +397,36 @@ def test_score_cam_equals_the_papers_formula_per_image(model, inputs, layer):
     torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("internal_batch_size", [24, 256])
+def test_score_cam_weighs_constant_channels_with_one_input_and_keeps_to_its_batch_size(model, inputs, internal_batch_size):
+    """A constant channel's mask is 0 everywhere: its weight is the probability of the fully
+    masked input, one per row for all of them (a dead ReLU channel, a constant one, a row whose
+    every channel is constant, as at 1x1 maps); no forward pass takes more inputs than asked."""
+    images, targets = inputs
+    x = model.preprocess(images)
+    activation = model.forward_to(x, "final").clone()
+    activation[:, 0] = 0.0  # dead
+    activation[:, 1] = 0.7  # constant, not 0
+    activation[2] = activation[2].mean(dim=(1, 2), keepdim=True)  # every channel of row 2
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    try:
+        ours = create_method("scorecam")(model, x, targets, layer="final", activation=activation, internal_batch_size=internal_batch_size)
+    finally:
+        hook.remove()
+    expected = torch.cat([
+        score_cam_reference(model, activation[[i]], x[i : i + 1], int(targets[i]), lambda z: z.softmax(dim=1)) for i in range(5)
+    ])  # fmt: skip
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-12)
+    assert expected[2].abs().max() > 0  # the constant channels weigh in
+    channels = activation.shape[1]
+    per_pass = max(1, internal_batch_size // channels)
+    varying = [(activation[i].flatten(1).amax(1) > activation[i].flatten(1).amin(1)) for i in range(5)]
+    passes = [range(s, min(s + per_pass, 5)) for s in range(0, 5, per_pass)]
+    expected_inputs = sum(len(p) * (1 + int(sum(torch.stack([varying[i] for i in p]).any(0)))) for p in passes)
+    assert sum(sizes) == expected_inputs < 5 * channels and max(sizes) <= internal_batch_size
+
+
 def test_lime_shares_samples_across_the_targets_of_one_image_and_equals_plain_lime(model, inputs):
     import numpy as np
     from lime.lime_image import LimeImageExplainer
