@@ -58,9 +58,11 @@ def record_processes(folder: Path) -> int:
 
 def stop_leftovers(folder: Path, log: Callable[[str], None], grace_s: float = 1.0) -> list[int]:
     """Stop (SIGTERM, then SIGKILL after ``grace_s``) the recorded processes that still run with
-    the recorded start time; the ids stopped. (Measured: a killed driver's dashboard and runtime
-    environment agents had not exited 10 s after SIGTERM; its workers exit at once.) Raises ``ChildProcessError`` (an ``OSError``: one line,
-    exit 2) while the recorded driver itself still runs: that sweep has not died."""
+    the recorded start time; the ids stopped. Raises ``ChildProcessError`` (an ``OSError``: one
+    line, exit 2) while the recorded driver itself still runs: that sweep has not died.
+
+    A short grace: a killed driver's dashboard and runtime-environment agents had not exited 10 s
+    after SIGTERM (measured), and its workers exit at once."""
     record = folder / PROCESS_FILE
     if not record.is_file():
         return []
