@@ -29,13 +29,18 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/probesweep run
 
+# two workers (pytest-xdist), each module in one: a Ray test keeps the two cores 65-80% busy, and
+# the other worker's tests take the rest (tests/conftest.py orders the modules, longest first)
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install-test
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # the development loop: no Ray, no servers, no browser, no full-size network (tests marked slow or
 # full_size are left out; make test runs them)
 test-fast: install-test
-	$(BIN)/python -m pytest -m "not slow and not full_size"
+	$(PYTEST) -m "not slow and not full_size"
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts ray_results
