@@ -60,7 +60,7 @@ def score_cam(
         # A constant channel's mask is 0 everywhere (min-max scaling): the same masked input for
         # every such channel, so one forward per row gives all their weights. At 1x1 maps every
         # channel is constant: one forward instead of 2048 on a ResNet-50.
-        varies = (~constant[rows]).any(dim=0).nonzero()[:, 0].cpu()  # indices beside rows' (on the CPU)
+        varies = (~constant[rows]).any(dim=0).nonzero()[:, 0].cpu()  # on the CPU, as rows: they index scores together
         if len(varies) < channels:
             zero = torch.zeros_like(images[rows, :1])
             scores[rows] = _probability(model, images[rows], targets[rows], rows, zero, probabilities)[:, None]
