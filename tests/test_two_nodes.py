@@ -7,9 +7,11 @@ SIGKILLed mid-sweep, and the tracking server restarts. Every process is stopped 
 process group id, also when a test fails.
 """
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from servers import MlflowServer, free_port, ray_environment, ray_node, stop_gro
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 EPOCHS = 12
+DEFAULT_AGENT_PORT = 52365  # Ray's dashboard agent's HTTP port unless told
 
 
 def spec(name: str, epochs: int, seeds: int) -> dict:
@@ -80,6 +83,12 @@ def cluster(tmp_path_factory):
     # what earlier modules of the session still run is theirs to stop: wait for the cluster's own only
     earlier = {p.pid for p in session_processes()}
     server = MlflowServer(workdir / "mlflow")
+    # Ray's default dashboard-agent port taken while the nodes start, as a local Ray instance of the
+    # other pytest worker took it in CI: the nodes must not need it (if it is taken already, so be it)
+    squatter = socket.socket()
+    with contextlib.suppress(OSError):
+        squatter.bind(("127.0.0.1", DEFAULT_AGENT_PORT))
+        squatter.listen()
     try:
         server.start(wait=False)  # it starts while the Ray nodes do
         with ray_node(head_port=head_port, num_cpus=1, dashboard_port=dashboard_port):
@@ -98,15 +107,18 @@ def cluster(tmp_path_factory):
                     time.sleep(1)
                 # the job server takes jobs once the head's agent is up, which can come after the
                 # nodes are listed ("No available agent to submit job")
-                while subprocess.run(
+                deadline = time.monotonic() + 120
+                while (probe := subprocess.run(
                     [RAY, "job", "submit", f"--address={dashboard}", "--", "true"],
-                    env=ray_environment(), capture_output=True, timeout=120,
-                ).returncode:  # fmt: skip
-                    assert time.monotonic() < deadline, "the Ray job server took no job"
+                    env=ray_environment(), capture_output=True, text=True, timeout=120,
+                )).returncode:  # fmt: skip
+                    assert time.monotonic() < deadline, f"the Ray job server took no job:\n{probe.stderr[-2000:]}"
                     time.sleep(1)
+                squatter.close()
                 server.wait()
                 yield Cluster(workdir, dashboard, server, worker)
     finally:
+        squatter.close()
         server.stop()
         wait_for_exit(earlier)
 
