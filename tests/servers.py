@@ -62,13 +62,14 @@ def ray_node(*, head_port: int, num_cpus: int, dashboard_port: int | None = None
                 "--include-dashboard=true", "--disable-usage-stats"]  # fmt: skip
     else:
         role = [f"--address=127.0.0.1:{head_port}"]
-    # the dashboard agent's HTTP port is Ray's fixed 52365 unless told: with two nodes here, and the
-    # local Ray instances of tests in the other pytest worker, the head's agent found it taken (the
-    # failure is only logged), and its job server then answers every `ray job submit` with "No
-    # available agent" (CI, 2026-12-03). 0: each agent binds a free port and tells the GCS which
+    # Ports the OS picks, as `ray.init` has them: `ray start` gives every node's dashboard agent the
+    # fixed port 52365 and its workers the range 10002-19999. With two nodes here, and the local Ray
+    # instances of tests in the other pytest worker, the head's agent found 52365 taken (only
+    # logged), and its job server then answered every `ray job submit` with "No available agent"
+    # (CI, 2026-12-03)
     node = subprocess.Popen(
         [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-         "--dashboard-agent-listen-port=0", *role],
+         "--dashboard-agent-listen-port=0", "--min-worker-port=0", "--max-worker-port=0", *role],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
