@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 from conftest import session_processes, wait_for_exit
 from servers import MlflowServer, free_port, ray_environment, ray_node, stop_group
@@ -27,7 +28,6 @@ from servers import MlflowServer, free_port, ray_environment, ray_node, stop_gro
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 EPOCHS = 12
-DEFAULT_AGENT_PORT = 52365  # Ray's dashboard agent's HTTP port unless told
 
 
 def spec(name: str, epochs: int, seeds: int) -> dict:
@@ -87,7 +87,7 @@ def cluster(tmp_path_factory):
     # other pytest worker took it in CI: the nodes must not need it (if it is taken already, so be it)
     squatter = socket.socket()
     with contextlib.suppress(OSError):
-        squatter.bind(("127.0.0.1", DEFAULT_AGENT_PORT))
+        squatter.bind(("127.0.0.1", DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
         squatter.listen()
     try:
         server.start(wait=False)  # it starts while the Ray nodes do
